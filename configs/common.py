@@ -1,0 +1,88 @@
+"""The full key set shared by every config, and the `runlocal` smoke-test switch.
+
+Experiment configs start from `base()` and override a few keys. Every key is documented here.
+"""
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.job = "train"  # train | data_report | search
+  c.seed = 0
+
+  c.input = ml_collections.ConfigDict()
+  c.input.source = "fer2013"  # fer2013 | synthetic
+  c.input.archive = ""  # archive.zip, extracted folder or fer2013.csv; else $FER2013_ARCHIVE
+  c.input.data_dir = ""  # TFDS data dir; else $FER_DATA_DIR, else ~/tensorflow_datasets
+  c.input.protocol = "standard"  # standard | seed | val_fraction
+  c.input.val_fraction = 0.5  # for protocol val_fraction (seed always halves Training)
+  c.input.split_seed = 0
+  c.input.synthetic_train_size = 2800  # for source synthetic: train size; val/test get a quarter
+  c.input.batch_size = 64  # global, over all devices
+  c.input.eval_batch_size = 500
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "cnn"
+  c.model.conv_features = (32, 64, 128, 256)  # one conv layer each
+  c.model.convs_per_block = 1  # conv layers before each pooling
+  c.model.kernel_size = 3
+  c.model.pool = "max"  # max | avg | none
+  c.model.batch_norm = False
+  c.model.conv_dropout = 0.0
+  c.model.dense_features = (512, 256, 128)
+  c.model.dropout = 0.0
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.flip = False
+  c.augment.rotate_degrees = 0.0
+  c.augment.shift_fraction = 0.0
+  c.augment.zoom_fraction = 0.0
+  c.augment.crop_padding = 0
+  c.augment.erase_prob = 0.0
+  c.augment.mixup_alpha = 0.0
+  c.augment.cutmix_alpha = 0.0
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adam"  # adam | adamw | sgd
+  c.optim.learning_rate = 1e-3
+  c.optim.momentum = 0.9  # sgd only
+  c.optim.nesterov = True  # sgd only
+  c.optim.schedule = "constant"  # constant | cosine | step
+  c.optim.warmup_epochs = 0.0
+  c.optim.step_decay_epochs = 10  # step schedule: multiply by step_decay_factor every N epochs
+  c.optim.step_decay_factor = 0.1
+  c.optim.weight_decay = 0.0  # on kernels only
+  c.optim.label_smoothing = 0.0
+  c.optim.grad_clip_norm = 0.0  # 0 = off
+  c.optim.freeze = ""  # regex over parameter paths ("a/b/kernel") that get no updates
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_epochs = 30
+  c.train.early_stopping_epochs = 0  # stop after N epochs without a new best val accuracy; 0 = off
+  c.train.steps_per_dispatch = 8  # train steps fused into one jitted lax.scan
+  c.train.log_every_steps = 50
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.tta = "none"  # none | flip | tencrop
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.max_to_keep = 2
+
+  c.init_from = ""  # a workdir or checkpoint to start from when the workdir has none
+  c.pretrained = ml_collections.ConfigDict()
+  c.pretrained.weights = "none"
+  return c
+
+
+def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config to a CPU smoke test of seconds (big_vision's `:runlocal`)."""
+  c.input.source = "synthetic"
+  c.input.synthetic_train_size = 700
+  c.input.batch_size = 32
+  c.input.eval_batch_size = 128
+  c.train.num_epochs = 2
+  c.train.steps_per_dispatch = 4
+  c.train.log_every_steps = 10
+  return c

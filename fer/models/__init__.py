@@ -1,0 +1,1 @@
+"""Models: the searchable CNN and VGG16."""
