@@ -71,8 +71,11 @@ def base() -> ml_collections.ConfigDict:
   c.checkpoint.max_to_keep = 2
 
   c.init_from = ""  # a workdir or checkpoint to start from when the workdir has none
-  c.pretrained = ml_collections.ConfigDict()
-  c.pretrained.weights = "none"
+  c.pretrained = ml_collections.ConfigDict()  # VGG16 conv base; see fer/pretrained.py
+  c.pretrained.weights = "none"  # none | keras | torchvision (model.preprocess keras | torch)
+  c.pretrained.path = ""  # a local weights file (offline); else found in / downloaded to cache_dir
+  c.pretrained.cache_dir = ""  # else $FER_WEIGHTS_DIR, else ~/.cache/fer/weights
+  c.pretrained.sha256 = ""  # pins the file (e.g. your own torchvision export); else the table's
   return c
 
 
