@@ -50,7 +50,17 @@ def prepare(archive: str = "", data_dir: str = "", verbose: bool = True) -> fer2
   start = time.perf_counter()
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   tfds.display_progress_bar(False)
-  builder.download_and_prepare()
+  try:
+    builder.download_and_prepare()
+  except OSError:
+    # Another process (a parallel sweep) finished first and the rename onto its complete
+    # dataset failed: use that one.
+    other = fer2013.Fer2013(data_dir=data_dir, verbose=verbose)
+    if not other.is_prepared():
+      raise
+    if verbose:
+      print(f"fer2013: another process prepared {other.data_path} first; using it", flush=True)
+    return other
   if verbose:
     print(f"fer2013: prepared in {time.perf_counter() - start:.1f}s", flush=True)
   return builder

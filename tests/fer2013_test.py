@@ -386,6 +386,23 @@ def test_a_killed_build_is_not_taken_for_complete(tmp_path, fer2013_zip):
   check_dataset(load(tmp_path, fer2013_zip), fakes.kaggle_members())
 
 
+def test_two_processes_building_at_once_both_get_the_dataset(tmp_path, fer2013_zip,
+                                                              monkeypatch):
+  original = fer2013.Fer2013._split_generators
+  raced = []
+
+  def racing(self, dl_manager):
+    if not raced:  # another process starts later and finishes first
+      raced.append(True)
+      input_pipeline.prepare(str(fer2013_zip), str(tmp_path / "data"), verbose=False)
+    return original(self, dl_manager)
+
+  monkeypatch.setattr(fer2013.Fer2013, "_split_generators", racing)
+  check_dataset(load(tmp_path, fer2013_zip), fakes.kaggle_members())
+  assert raced
+  assert not list((tmp_path / "data" / "fer2013").glob("incomplete*"))
+
+
 def test_a_version_folder_without_dataset_info_is_an_error(tmp_path, fer2013_zip):
   (tmp_path / "data" / "fer2013" / "1.0.0").mkdir(parents=True)
   with pytest.raises(DataError, match="no complete dataset"):
