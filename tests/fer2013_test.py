@@ -206,6 +206,13 @@ def test_empty_folder_and_folder_without_layout(tmp_path):
     read_all(tmp_path / "flat")
 
 
+def test_broken_link_in_folder_names_the_file(tmp_path):
+  root = fakes.write_tree(tmp_path / "tree", fakes.kaggle_members(per_cell=1))
+  (root / "train" / "happy" / "Training_77.jpg").symlink_to(tmp_path / "missing.jpg")
+  with pytest.raises(DataError, match="tree: cannot read 'train/happy/Training_77.jpg'"):
+    read_all(root)
+
+
 def test_empty_zip(tmp_path):
   path = fakes.write_zip(tmp_path / "empty.zip", {})
   with pytest.raises(DataError, match="empty.zip: no images"):

@@ -193,8 +193,13 @@ def read_folder(path: str | os.PathLike) -> Iterator[Example]:
     for fname in sorted(filenames):
       file_path = os.path.join(dirpath, fname)
       rel = fname if rel_dir == "." else f"{rel_dir}/{fname}"
-      entries.append((rel, os.path.getsize(file_path),
-                      lambda p=file_path: pathlib.Path(p).read_bytes()))
+      try:
+        size = os.path.getsize(file_path)
+      except OSError as e:  # a broken link, no permission
+        if _ignored(rel):
+          continue
+        raise DataError(f"{path}: cannot read {rel!r} ({e})") from e
+      entries.append((rel, size, lambda p=file_path: pathlib.Path(p).read_bytes()))
   if not entries:
     raise DataError(f"{path}: the folder is empty; expected the extracted Kaggle archive "
                     f"(train/<class>/*.jpg and test/<class>/*.jpg)")
