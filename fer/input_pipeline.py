@@ -15,6 +15,7 @@ import pathlib
 import time
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from fer.datasets import fer2013
 from fer.datasets import synthetic
@@ -41,15 +42,17 @@ def prepare(archive: str = "", data_dir: str = "", verbose: bool = True) -> fer2
     if not builder.is_prepared():
       raise fer2013.DataError(f"{builder.data_path} exists but holds no complete dataset "
                               f"(no dataset_info.json); delete it to rebuild")
+    source = builder.info.metadata.get("source", "?")
     if verbose:
-      print(f"fer2013: using {builder.data_path} (built from "
-            f"{builder.info.metadata.get('source', '?')})", flush=True)
+      print(f"fer2013: using {builder.data_path} (built from {source})", flush=True)
+    if archive and os.path.abspath(os.path.expanduser(archive)) != os.path.abspath(source):
+      print(f"fer2013: note: the prepared data was built from {source}, not from {archive}; "
+            f"delete {builder.data_path} (or use another data_dir) to rebuild", flush=True)
     return builder
   if verbose:
     print(f"fer2013: preparing {builder.data_dir} (once; later runs reuse it)", flush=True)
   start = time.perf_counter()
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  tfds.display_progress_bar(False)
+  tfds.display_progress_bar(False)  # the progress printed here and by the builder is enough
   try:
     builder.download_and_prepare()
   except OSError:

@@ -71,6 +71,13 @@ def test_builds_from_zip_and_second_run_reuses_it(tmp_path, fer2013_zip, monkeyp
     np.testing.assert_array_equal(again[split]["image"], data[split]["image"])
 
 
+def test_reusing_data_built_from_another_archive_says_so(tmp_path, fer2013_zip, capsys):
+  load(tmp_path, fer2013_zip)
+  other = fakes.write_zip(tmp_path / "other.zip", fakes.kaggle_members(per_cell=1))
+  input_pipeline.prepare(str(other), str(tmp_path / "data"))
+  assert f"built from {fer2013_zip}, not from {other}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("nested", [False, True])
 def test_builds_from_folder(tmp_path, nested):
   members = fakes.kaggle_members()
