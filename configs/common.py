@@ -57,6 +57,7 @@ def base() -> ml_collections.ConfigDict:
   c.optim.label_smoothing = 0.0
   c.optim.grad_clip_norm = 0.0  # 0 = off
   c.optim.freeze = ""  # regex over parameter paths ("a/b/kernel") that get no updates
+  c.optim.lr_scales = ()  # ((regex, factor), ...): learning-rate factors, e.g. (("^block", 0.1),)
 
   c.train = ml_collections.ConfigDict()
   c.train.num_epochs = 30

@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+import numpy as np
 
 
 def _save(fig: Figure, path) -> pathlib.Path:
@@ -54,4 +55,42 @@ def class_distributions(counts: Mapping[str, Mapping[str, int]], path, title: st
   ax.margins(y=0.15)
   ax.legend(frameon=False)
   ax.spines[["top", "right"]].set_visible(False)
+  return _save(fig, path)
+
+
+def confusion_matrix(cm, class_names, path, title=""):
+  """A row-normalised confusion matrix (true class per row) with the counts' percentages."""
+  cm = np.asarray(cm, np.float64)
+  norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+  fig = Figure(figsize=(6.5, 5.5))
+  ax = fig.subplots()
+  im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+  ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+  ax.set_yticks(range(len(class_names)), class_names)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  for i in range(len(class_names)):
+    for j in range(len(class_names)):
+      ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=8,
+              color="white" if norm[i, j] > 0.5 else "black")
+  fig.colorbar(im, ax=ax, fraction=0.046)
+  ax.set_title(title or "confusion matrix (row-normalised)")
+  return _save(fig, path)
+
+
+def learning_curves(history, path):
+  """Train/val loss and accuracy per epoch from the metrics history (list of dicts)."""
+  epochs = [r["epoch"] for r in history]
+  fig = Figure(figsize=(10, 4))
+  ax_loss, ax_acc = fig.subplots(1, 2)
+  for split, style in (("train", "-"), ("val", "--")):
+    ax_loss.plot(epochs, [r[f"{split}/loss"] for r in history], style, label=split)
+    ax_acc.plot(epochs, [r[f"{split}/accuracy"] for r in history], style, label=split)
+  ax_loss.set_xlabel("epoch")
+  ax_loss.set_ylabel("loss")
+  ax_acc.set_xlabel("epoch")
+  ax_acc.set_ylabel("accuracy")
+  for ax in (ax_loss, ax_acc):
+    ax.grid(alpha=0.3)
+    ax.legend()
   return _save(fig, path)

@@ -1,0 +1,166 @@
+"""Training core: learning on synthetic faces, exact resume, NaN guard, config checks, outputs."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import augment as augment_config
+from configs import cnn as cnn_config
+from fer import checkpointing
+from fer import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides):
+  c = cnn_config.get_config("runlocal")
+  c.model.conv_features = (8, 16)
+  c.model.dense_features = (32,)
+  c.input.synthetic_train_size = 448
+  c.train.num_epochs = 2
+  c.train.steps_per_dispatch = 2
+  for key, value in overrides.items():
+    group, name = key.split(".")
+    c[group][name] = value
+  return c
+
+
+def _params(workdir, which="last"):
+  mgr = ocp.CheckpointManager(pathlib.Path(workdir, "checkpoints", which).absolute())
+  step = mgr.latest_step()
+  tree = ocp.StandardCheckpointer().restore(pathlib.Path(mgr.directory, str(step), "state"))
+  mgr.close()
+  return tree
+
+
+def test_learns_synthetic_faces(tmp_path):
+  """The default CNN separates the synthetic classes well above chance (1/7) in seconds."""
+  c = cnn_config.get_config("runlocal")
+  c.input.synthetic_train_size = 1400
+  c.train.num_epochs = 5
+  results = train.train_and_evaluate(c, str(tmp_path))
+  assert results["val/accuracy"] > 0.85, results["val/accuracy"]
+  assert results["test/accuracy"] > 0.85, results["test/accuracy"]
+  history = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert len(history) == 5
+  assert history[-1]["train/loss"] < history[0]["train/loss"] * 0.6
+
+
+def test_resume_is_exact_and_completed_run_only_reports(tmp_path, capsys):
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train.train_and_evaluate(tiny_config(**{"augment.flip": True, "model.dropout": 0.2}),
+                           str(straight))
+  # The same run, stopped after epoch 1 and started again with the same command.
+  train.train_and_evaluate(tiny_config(**{"augment.flip": True, "model.dropout": 0.2,
+                                          "train.num_epochs": 1}), str(resumed))
+  (resumed / "results.json").unlink()  # a 1-epoch run "completed"; pretend it was killed
+  r = train.train_and_evaluate(tiny_config(**{"augment.flip": True, "model.dropout": 0.2}),
+                               str(resumed))
+  assert "Resuming" in capsys.readouterr().out
+  a, b = _params(straight), _params(resumed)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  assert r == json.loads((straight / "results.json").read_text()) | {
+      k: r[k] for k in ("train_seconds", "git_commit")}
+  again = train.train_and_evaluate(tiny_config(), str(straight))
+  assert "is complete" in capsys.readouterr().out
+  assert again["test/accuracy"] == r["test/accuracy"]
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
+  c = tiny_config(**{"train.num_epochs": 1})
+  train.train_and_evaluate(c, str(tmp_path))
+  (tmp_path / "results.json").unlink()
+  c = tiny_config(**{"train.num_epochs": 3, "optim.learning_rate": 1e12})
+  with pytest.raises(train.TrainingDivergedError, match=r"at step \d+.*epoch 1"):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert ocp.CheckpointManager(tmp_path.absolute() / "checkpoints" / "last").all_steps() == [1]
+
+
+def test_changed_optimizer_over_existing_run_is_explained(tmp_path):
+  train.train_and_evaluate(tiny_config(**{"train.num_epochs": 1}), str(tmp_path))
+  (tmp_path / "results.json").unlink()
+  with pytest.raises(checkpointing.CheckpointError, match="new --workdir"):
+    train.train_and_evaluate(tiny_config(**{"optim.name": "sgd"}), str(tmp_path))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.num_epochs", -1, "train.num_epochs"),
+    ("input.protocol", "halves", "input.protocol"),
+    ("optim.name", "lamb", "optim.name"),
+    ("model.dropout", 1.5, "model.dropout"),
+])
+def test_bad_config_fails_before_work(tmp_path, key, value, message):
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(tiny_config(**{key: value}), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_unknown_model_is_named(tmp_path):
+  with pytest.raises(ValueError, match="model.name='resnet'"):
+    train.train_and_evaluate(tiny_config(**{"model.name": "resnet"}), str(tmp_path))
+
+
+def test_workdir_in_use_is_refused(tmp_path):
+  with checkpointing.WorkdirLock(tmp_path):
+    with pytest.raises(checkpointing.WorkdirInUseError, match="in use by another run"):
+      train.train_and_evaluate(tiny_config(), str(tmp_path))
+
+
+@pytest.mark.parametrize("get_config,expected", [
+    (cnn_config.get_config, 1_733_127),
+    (augment_config.get_config, 1_733_127),
+])
+def test_param_counts(get_config, expected):
+  """Golden numbers: change them only when a config's architecture is changed on purpose."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from fer.models import build_model  # pylint: disable=import-outside-toplevel
+  model = build_model(get_config().model)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 48, 48, 1)))["params"])
+  assert sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)) == expected
+
+
+def _run_main(workdir, *extra, env=None):
+  cmd = [sys.executable, "-m", "fer.main", "--config=configs/cnn.py:runlocal",
+         f"--workdir={workdir}", "--config.model.conv_features=(8,16)",
+         "--config.model.dense_features=(32,)", "--config.input.synthetic_train_size=448",
+         "--config.train.steps_per_dispatch=2", *extra]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, **(env or {})})
+
+
+def test_main_end_to_end_writes_every_output(tmp_path):
+  proc = _run_main(tmp_path, "--config.eval.tta=flip")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for name in ("results.json", "config.json", "metrics.jsonl", "confusion_matrix.png",
+               "learning_curves.png"):
+    assert (tmp_path / name).is_file(), name
+  assert list((tmp_path / "tb").iterdir()), "no TensorBoard events"
+  results = json.loads((tmp_path / "results.json").read_text())
+  for key in ("val/accuracy", "test/accuracy", "num_params", "train_seconds",
+              "test/per_class_accuracy", "test/macro_f1", "device_kind", "device_count",
+              "git_commit"):
+    assert key in results, key
+  assert 0 <= results["test/accuracy"] <= 1
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["conv_features"] == [8, 16]
+  assert "img/s" in proc.stdout and "ETA" in proc.stdout
+
+
+def test_eight_devices_match_one(tmp_path):
+  """Data-parallel over 8 fake CPU devices gives the 1-device losses within tolerance."""
+  flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  runs = {}
+  for name, env in (("one", {"XLA_FLAGS": ""}), ("eight", flags)):
+    proc = _run_main(tmp_path / name, "--config.train.num_epochs=1", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs[name] = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+  assert "8 x cpu" in proc.stdout
+  for key in ("train/loss", "val/loss", "val/accuracy"):
+    np.testing.assert_allclose(runs["eight"][0][key], runs["one"][0][key], rtol=2e-3, atol=2e-3)
