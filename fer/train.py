@@ -200,14 +200,14 @@ def count_params(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def create_train_state(config, model, tx_fn, mesh, sample_shape):
+def create_train_state(config, model, tx_fn, mesh, sample_shape, sample_dtype=jnp.uint8):
   """Initialises a replicated TrainState with a sharded `jit(init)` (no host round trip)."""
   replicated = NamedSharding(mesh, P())
 
   def init(rng):
     k_init, k_train = jax.random.split(rng)
     variables = model.init({"params": k_init, "dropout": k_init},
-                           jnp.zeros((1,) + sample_shape, jnp.uint8), train=False)
+                           jnp.zeros((1,) + tuple(sample_shape), sample_dtype), train=False)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=batch_stats,
@@ -281,7 +281,10 @@ def _fmt_time(seconds):
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def load_data(config):
+def load_data(config, workdir):
+  """{'train', 'val', 'test'} -> {'image', 'label'} arrays: the images (uint8 [N, 48, 48, 1]) or,
+  for a model trained on cached features, those features."""
+  del workdir  # used by cached-feature models
   from fer import input_pipeline  # pylint: disable=import-outside-toplevel
   return input_pipeline.load_splits(config.input)
 
@@ -310,7 +313,7 @@ def _train_and_evaluate(config, workdir):
     return results
   write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
 
-  data = load_data(config)
+  data = load_data(config, workdir)
   train_x, train_y = data["train"]["image"], data["train"]["label"]
   num_train = len(train_x)
   batch_size = config.input.batch_size
@@ -325,7 +328,8 @@ def _train_and_evaluate(config, workdir):
   model = build_model(config.model)
   tx_fn = lambda params: optim.make_optimizer(config.optim, params, steps_per_epoch,
                                               num_epochs)[0]
-  state, shardings = create_train_state(config, model, tx_fn, mesh, train_x.shape[1:])
+  state, shardings = create_train_state(config, model, tx_fn, mesh, train_x.shape[1:],
+                                        train_x.dtype)
   tx = tx_fn(state.params)
   num_params = count_params(state.params)
 
