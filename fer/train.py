@@ -144,6 +144,31 @@ def make_train_chunk(model, tx, config, mesh, num_steps: int):
   return jax.jit(chunk, donate_argnums=0)
 
 
+def make_epoch_runner(model, tx, config, mesh, steps_per_epoch: int):
+  """run(state, images, labels, perm, on_chunk=None) -> (state, per-chunk metric sums): one
+  whole epoch as chunks of `config.train.steps_per_dispatch` steps (plus one remainder chunk).
+  `on_chunk(steps_done, state, sums)` is called after each chunk is dispatched."""
+  k = min(config.train.steps_per_dispatch, steps_per_epoch)
+  fns = {k: make_train_chunk(model, tx, config, mesh, k)}
+  remainder = steps_per_epoch % k
+  if remainder:
+    fns[remainder] = make_train_chunk(model, tx, config, mesh, remainder)
+  schedule = [(i * k, k) for i in range(steps_per_epoch // k)]
+  if remainder:
+    schedule.append((steps_per_epoch - remainder, remainder))
+
+  def run(state, images, labels, perm, on_chunk=None):
+    sums = []
+    for start, n in schedule:
+      state, m = fns[n](state, images, labels, perm, start)
+      sums.append(m)
+      if on_chunk is not None:
+        on_chunk(start + n, state, sums)
+    return state, sums
+
+  return run
+
+
 def _tta_views(images, tta: str):
   """Test-time views of a batch [N, H, W, C]: [V, N, H, W, C]."""
   if tta == "none":
@@ -353,14 +378,7 @@ def _train_and_evaluate(config, workdir):
   data_key = jax.random.PRNGKey(config.seed + 1)
   epoch_perm = jax.jit(lambda epoch: jax.random.permutation(jax.random.fold_in(data_key, epoch),
                                                             num_train), out_shardings=replicated)
-  k = min(config.train.steps_per_dispatch, steps_per_epoch)
-  chunk_fns = {k: make_train_chunk(model, tx, config, mesh, k)}
-  remainder = steps_per_epoch % k
-  if remainder:
-    chunk_fns[remainder] = make_train_chunk(model, tx, config, mesh, remainder)
-  schedule = [(i * k, k) for i in range(steps_per_epoch // k)]
-  if remainder:
-    schedule.append((steps_per_epoch - remainder, remainder))
+  run_epoch = make_epoch_runner(model, tx, config, mesh, steps_per_epoch)
   predict = make_predict(model, "none")
   writer = _Writer(workdir)
   log_every = max(1, config.train.log_every_steps)
@@ -370,25 +388,22 @@ def _train_and_evaluate(config, workdir):
     while epoch < num_epochs and not meta["stopped_early"]:
       t0 = time.perf_counter()
       perm = epoch_perm(epoch)
-      sums, last_log_step, last_log_time = [], 0, t0
-      compiled_at = None
-      for start, n in schedule:
-        state, m = chunk_fns[n](state, images, labels, perm, start)
-        sums.append(m)
-        done = start + n
-        if compiled_at is None:
-          jax.block_until_ready(m)
-          compiled_at = time.perf_counter()
-        if done - last_log_step >= log_every and done < steps_per_epoch:
-          loss_so_far = float(sum(s["loss"] for s in sums)) / done
-          _check_finite(loss_so_far, int(state.step), ckpts, workdir)
-          now = time.perf_counter()
-          rate = (done - last_log_step) * batch_size / max(now - last_log_time, 1e-9)
-          eta = (steps_per_epoch - done) * batch_size / rate
-          print(f"  epoch {epoch + 1}/{num_epochs} step {done}/{steps_per_epoch} | "
-                f"{rate:,.0f} img/s | loss {loss_so_far:.4f} | epoch ETA {_fmt_time(eta)}",
-                flush=True)
-          last_log_step, last_log_time = done, now
+      log = {"step": 0, "time": t0}
+
+      def on_chunk(done, state, sums, epoch=epoch, log=log):
+        if done - log["step"] < log_every or done >= steps_per_epoch:
+          return
+        loss_so_far = float(sum(s["loss"] for s in sums)) / done
+        _check_finite(loss_so_far, int(state.step), ckpts, workdir)
+        now = time.perf_counter()
+        rate = (done - log["step"]) * batch_size / max(now - log["time"], 1e-9)
+        eta = (steps_per_epoch - done) * batch_size / rate
+        print(f"  epoch {epoch + 1}/{num_epochs} step {done}/{steps_per_epoch} | "
+              f"{rate:,.0f} img/s | loss {loss_so_far:.4f} | epoch ETA {_fmt_time(eta)}",
+              flush=True)
+        log.update(step=done, time=now)
+
+      state, sums = run_epoch(state, images, labels, perm, on_chunk)
       train_loss = float(sum(s["loss"] for s in sums)) / steps_per_epoch
       train_acc = float(sum(s["correct"] for s in sums)) / (steps_per_epoch * batch_size)
       _check_finite(train_loss, int(state.step), ckpts, workdir)
