@@ -1,0 +1,151 @@
+r"""CPU/GPU training throughput over whole epochs on the real FER2013 training split.
+
+  python experiments/benchmark_train.py --config=configs/reference_net.py
+      trains --epochs whole epochs (after compiling) with the config as given and prints, as its
+      last line, `train images/s: N` (augmentation as configured).
+  python experiments/benchmark_train.py --config=configs/reference_net.py --compare \
+      --keras_python=/tmp/tfenv/bin/python --out=experiments/results/benchmark_train.md
+      the side-by-side table, in one run on one machine: the plain JAX step (XLA convolutions and
+      pooling, one step per dispatch) and the project's default fast path, each without and with
+      augmentation, and, where a Python with TensorFlow is given, the same network in Keras.
+
+Any config key can be overridden as usual (--config.input.batch_size=256). Data: the config's
+input keys, or $FER2013_ARCHIVE / $FER_DATA_DIR.
+"""
+
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from fer import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+xla_flags.configure_cpu_defaults()
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+import numpy as np
+
+from fer import input_pipeline
+from fer import optim
+from fer import train
+from fer.models import build_model
+
+config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
+_EPOCHS = flags.DEFINE_integer("epochs", 1, "Whole epochs to time (after compilation).")
+_COMPARE = flags.DEFINE_bool("compare", False, "Run the before/after (and Keras) comparison.")
+_KERAS = flags.DEFINE_string("keras_python", "", "A python with TensorFlow+Keras, for --compare.")
+_OUT = flags.DEFINE_string("out", "", "Write the comparison table (markdown) here.")
+
+# The plain JAX step of the issue: XLA's own convolution and pooling, one step per dispatch.
+BASELINE = {"model.conv_impl": "xla", "model.pool_impl": "xla", "train.steps_per_dispatch": 1}
+AUGMENT = {"augment.flip": True, "augment.rotate_degrees": 10.0, "augment.shift_fraction": 0.1,
+           "augment.zoom_fraction": 0.1}
+NO_AUGMENT = {"augment.flip": False, "augment.rotate_degrees": 0.0,
+              "augment.shift_fraction": 0.0, "augment.zoom_fraction": 0.0}
+
+
+def _with(config, overrides):
+  c = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    group, name = key.split(".")
+    if name in c[group]:
+      c[group][name] = value
+  return c
+
+
+def images_per_second(config, data, epochs) -> float:
+  """Whole-epoch training throughput, compilation excluded."""
+  x, y = data["image"], data["label"].astype(np.int32)
+  batch = config.input.batch_size
+  steps = len(x) // batch
+  mesh = train.make_mesh()
+  replicated = NamedSharding(mesh, P())
+  model = build_model(config.model)
+  tx_fn = lambda p: optim.make_optimizer(config.optim, p, steps, max(epochs, 1))[0]
+  state, _ = train.create_train_state(config, model, tx_fn, mesh, x.shape[1:], x.dtype)
+  run_epoch = train.make_epoch_runner(model, tx_fn(state.params), config, mesh, steps)
+  images = jax.device_put(x, replicated)
+  labels = jax.device_put(y, replicated)
+  key = jax.random.PRNGKey(0)
+  perms = [jax.device_put(np.asarray(jax.random.permutation(jax.random.fold_in(key, e), len(x))),
+                          replicated) for e in range(epochs + 1)]
+  # Compile every chunk size (the first epoch's chunks, on the same state: it keeps training).
+  state, sums = run_epoch(state, images, labels, perms[0])
+  jax.block_until_ready(sums)
+  t0 = time.perf_counter()
+  for e in range(epochs):
+    state, sums = run_epoch(state, images, labels, perms[e + 1])
+  jax.block_until_ready(sums)
+  return epochs * steps * batch / (time.perf_counter() - t0)
+
+
+def machine() -> str:
+  try:
+    model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                 if l.startswith("model name"))
+  except (OSError, StopIteration):
+    model = platform.processor()
+  dev = jax.devices()[0]
+  return f"{model}, {os.cpu_count()} cores, {len(jax.devices())} x {dev.device_kind} ({dev.platform})"
+
+
+def main(argv):
+  del argv
+  config = flags.FLAGS.config
+  data = input_pipeline.load_splits(config.input)["train"]
+  print(f"{len(data['image'])} training images; {machine()}", flush=True)
+  command = "python " + " ".join(sys.argv)
+  if not _COMPARE.value:
+    rate = images_per_second(config, data, _EPOCHS.value)
+    print(f"train images/s: {rate:.0f}")
+    return
+  rows = []
+  for name, overrides in (("JAX, plain step (XLA conv + pool, 1 step/dispatch)", BASELINE),
+                          ("JAX, fer default fast path", {})):
+    for aug_name, aug in (("off", NO_AUGMENT), ("on", AUGMENT)):
+      c = _with(config, {**overrides, **aug})
+      rate = images_per_second(c, data, _EPOCHS.value)
+      rows.append((name, aug_name, rate))
+      print(f"{name}, augmentation {aug_name}: {rate:.0f} images/s", flush=True)
+  if _KERAS.value:
+    with tempfile.TemporaryDirectory() as tmp:
+      npz = pathlib.Path(tmp) / "train.npz"
+      np.savez(npz, image=data["image"], label=data["label"])
+      proc = subprocess.run([_KERAS.value, str(pathlib.Path(__file__).parent / "keras_reference.py"),
+                             f"--data={npz}", f"--epochs={_EPOCHS.value + 1}",
+                             f"--batch_size={config.input.batch_size}"],
+                            capture_output=True, text=True, check=True)
+      k = json.loads(proc.stdout.strip().splitlines()[-1])
+    for aug_name, key in (("off", "plain"), ("on", "augment")):
+      rows.append((f"Keras {k['keras']} ({k['backend']}), in-memory model.fit", aug_name, k[key]))
+      print(f"Keras, augmentation {aug_name}: {k[key]:.0f} images/s", flush=True)
+  best_keras = max((r for n, a, r in rows if n.startswith("Keras")), default=None)
+  lines = [f"Machine: {machine()}. Batch {config.input.batch_size}, whole epochs of "
+           f"{(len(data['image']) // config.input.batch_size) * config.input.batch_size} "
+           f"images, {_EPOCHS.value} timed epoch(s) after one untimed (compiling) epoch.",
+           f"Command: `{command}`", "",
+           "| implementation | augmentation | images/s | vs best Keras |", "|---|---|---:|---:|"]
+  for name, aug_name, rate in rows:
+    ratio = f"{rate / best_keras:.2f}x" if best_keras else "-"
+    lines.append(f"| {name} | {aug_name} | {rate:,.0f} | {ratio} |")
+  table = "\n".join(lines)
+  print(table)
+  if _OUT.value:
+    pathlib.Path(_OUT.value).write_text(table + "\n")
+  fast = [r for n, a, r in rows if n.startswith("JAX, fer") and a == "on"][0]
+  print(f"train images/s: {fast:.0f}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
