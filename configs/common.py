@@ -33,6 +33,8 @@ def base() -> ml_collections.ConfigDict:
   c.model.dense_features = (512, 256, 128)
   c.model.dropout = 0.0
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+  c.model.conv_impl = "xla"  # xla | im2col: conv lowering (fer/models/layers.py); xla wins on CPU
+  c.model.pool_impl = "reshape"  # xla | reshape: max pool with a cheap gradient, same results
 
   c.augment = ml_collections.ConfigDict()
   c.augment.flip = False

@@ -2,6 +2,12 @@
 
 Used as a pure function: `model.apply(variables, images, train=False)`. Input is uint8 or float
 images [N, 48, 48, 1] in 0..255; they are scaled to [0, 1] inside the model. Output: logits [N, 7].
+
+`conv_impl` and `pool_impl` pick the lowering of the convolutions and 2x2 max pools (see
+fer/models/layers.py); they change speed, not the parameter tree or, beyond float rounding, the
+results. With pool_impl="reshape" a max pool is applied before the ReLU of its block (the same
+function, since ReLU is monotone, with the same gradients) so the ReLU runs on a quarter of the
+pixels.
 """
 
 from typing import Sequence
@@ -10,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from fer.datasets.fer2013 import NUM_CLASSES
+from fer.models import layers
 
 
 class CNN(nn.Module):
@@ -23,21 +30,27 @@ class CNN(nn.Module):
   dropout: float = 0.0
   num_classes: int = NUM_CLASSES
   dtype: jnp.dtype = jnp.float32
+  conv_impl: str = "xla"  # xla | im2col
+  pool_impl: str = "reshape"  # xla (nn.max_pool) | reshape (layers.max_pool_2x2, cheap gradient)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = x.astype(self.dtype) / 255.0
+    fused_pool = self.pool == "max" and self.pool_impl == "reshape"
     for i, features in enumerate(self.conv_features):
       for j in range(self.convs_per_block):
         name = f"conv{i + 1}" if self.convs_per_block == 1 else f"conv{i + 1}_{j + 1}"
-        x = nn.Conv(features, (self.kernel_size,) * 2, use_bias=not self.batch_norm,
-                    dtype=self.dtype, name=name)(x)
+        x = layers.Conv2D(features, (self.kernel_size,) * 2, use_bias=not self.batch_norm,
+                          impl=self.conv_impl, dtype=self.dtype, name=name)(x)
         if self.batch_norm:
           x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
                            name=f"{name}_bn")(x)
-        x = nn.relu(x)
+        if not (fused_pool and j == self.convs_per_block - 1):
+          x = nn.relu(x)
       if self.pool == "max":
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = layers.max_pool(x, self.pool_impl)
+        if fused_pool:
+          x = nn.relu(x)
       elif self.pool == "avg":
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
       elif self.pool != "none":
