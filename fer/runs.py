@@ -1,0 +1,253 @@
+"""A trained run read back for use: its config, its checkpoints, one checkpoint's variables.
+
+A run's workdir holds `config.json` and `checkpoints/{last,best}/<epoch>/{state,meta}` (see
+fer/checkpointing.py). Listing checkpoints reads only orbax metadata (the managers' step lists,
+the `meta` JSON item, the arrays' shapes and dtypes), never the arrays. Restoring variables
+builds the target from that metadata on this host's first device, so a run trained on 8 GPUs
+loads on a laptop.
+
+  run = runs.load(workdir="runs/cnn")                          # its best checkpoint
+  run = runs.load(checkpoint="runs/cnn/checkpoints/last/30")   # config.json found above it
+  run.model.apply(run.variables, images, train=False)
+
+Anything unusable (no config.json, no checkpoint, a damaged or partial checkpoint) raises
+RunError with a message naming the path and what is wrong.
+"""
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from fer import checkpointing
+
+KINDS = ("last", "best")
+CONFIG_FILE = "config.json"
+_CONFIG_SEARCH_DEPTH = 5  # a checkpoint is RUN/checkpoints/<kind>/<epoch>[/state]
+
+
+class RunError(checkpointing.CheckpointError):
+  """A workdir or checkpoint that cannot be used; the message says which path and why."""
+
+
+@dataclasses.dataclass
+class CheckpointInfo:
+  """One checkpoint as its metadata describes it; `problem` is set when it is unusable."""
+  kind: str  # last | best | path (given explicitly)
+  path: pathlib.Path
+  epoch: int | None = None
+  step: int | None = None  # train steps done
+  val_accuracy: float | None = None
+  problem: str = ""
+
+
+@dataclasses.dataclass
+class Run:
+  config: ml_collections.ConfigDict
+  model: Any
+  variables: dict  # {'params'[, 'batch_stats']}: numpy arrays, ready for model.apply
+  checkpoint: CheckpointInfo
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def find_config_file(path) -> pathlib.Path:
+  """`config.json` in `path` or the nearest folder above it (a run's workdir)."""
+  path = pathlib.Path(path).absolute()
+  for folder in [path, *path.parents][:_CONFIG_SEARCH_DEPTH + 1]:
+    if (folder / CONFIG_FILE).is_file():
+      return folder / CONFIG_FILE
+  raise RunError(f"No {CONFIG_FILE} in {path} or the {_CONFIG_SEARCH_DEPTH} folders above it: "
+                 "pass the run's --workdir, which holds the config the model was trained with.")
+
+
+def load_config(path) -> ml_collections.ConfigDict:
+  """The resolved config a run was trained with (`path`: a workdir, checkpoint or the file)."""
+  path = pathlib.Path(path)
+  file = path if path.is_file() else find_config_file(path)
+  try:
+    return ml_collections.ConfigDict(json.loads(file.read_text()))
+  except (OSError, ValueError) as e:
+    raise RunError(f"{file} is not a readable config ({type(e).__name__}: {e})") from e
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _manager(directory):
+  return ocp.CheckpointManager(pathlib.Path(directory).absolute(),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def stray_entries(kind_dir) -> list[str]:
+  """Entries of a manager's folder that are no checkpoint (interrupted saves, stray files)."""
+  kind_dir = pathlib.Path(kind_dir)
+  if not kind_dir.is_dir():
+    return []
+  out = []
+  for p in sorted(kind_dir.iterdir()):
+    if p.name.isdigit() and p.is_dir():
+      continue
+    why = "an interrupted save" if "tmp" in p.name else "not a checkpoint"
+    out.append(f"{p.name} ({why}, ignored)")
+  return out
+
+
+def state_metadata(step_dir) -> Any:
+  """The state item's tree of orbax ArrayMetadata (shape, dtype): no array is read."""
+  state_dir = pathlib.Path(step_dir) / "state"
+  if not state_dir.is_dir():
+    raise RunError(f"{step_dir}: the `state` item is missing (an incomplete or damaged "
+                   "checkpoint)")
+  if not (state_dir / "_METADATA").is_file():
+    raise RunError(f"{state_dir}: _METADATA is missing (an incomplete or damaged checkpoint)")
+  try:
+    md = ocp.StandardCheckpointer().metadata(state_dir.absolute()).item_metadata
+  except Exception as e:  # orbax raises many types for damaged files
+    raise RunError(f"{state_dir}: unreadable metadata ({type(e).__name__}: {e})") from e
+  tree = getattr(md, "tree", md)
+  if not tree or "params" not in tree:
+    raise RunError(f"{state_dir}: _METADATA is unreadable or holds no `params` (damaged "
+                   "checkpoint, or not one written by fer.train)")
+  return tree
+
+
+def read_meta(step_dir) -> dict:
+  """The checkpoint's `meta` JSON item (epoch, history, best_val_accuracy, ...)."""
+  meta_dir = pathlib.Path(step_dir) / "meta"
+  if not meta_dir.is_dir():
+    raise RunError(f"{step_dir}: the `meta` item is missing (an incomplete or damaged "
+                   "checkpoint)")
+  try:
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir.absolute())
+  except Exception as e:  # orbax raises many types for damaged files
+    raise RunError(f"{meta_dir}: unreadable ({type(e).__name__}: {str(e)[:200]})") from e
+  if not isinstance(meta, dict) or "epoch" not in meta:
+    raise RunError(f"{meta_dir}: holds no `epoch` (not a checkpoint written by fer.train)")
+  return meta
+
+
+def describe_checkpoint(step_dir, kind="path") -> CheckpointInfo:
+  """Epoch, train step and val accuracy of one checkpoint, or the problem that makes it
+  unusable. Reads metadata only."""
+  step_dir = pathlib.Path(step_dir)
+  if step_dir.name == "state":
+    step_dir = step_dir.parent
+  info = CheckpointInfo(kind=kind, path=step_dir)
+  try:
+    if not step_dir.is_dir():
+      raise RunError(f"{step_dir} does not exist")
+    state_metadata(step_dir)
+    meta = read_meta(step_dir)
+  except RunError as e:
+    info.problem = str(e)
+    return info
+  info.epoch = int(meta["epoch"])
+  rows = [r for r in meta.get("history", []) if r.get("epoch") == info.epoch]
+  if rows:
+    info.step = rows[-1].get("step")
+    info.val_accuracy = rows[-1].get("val/accuracy")
+  return info
+
+
+def list_checkpoints(workdir) -> tuple[list[CheckpointInfo], list[str]]:
+  """(every checkpoint of `last/` and `best/`, notes on the folders): metadata only."""
+  root = pathlib.Path(workdir) / "checkpoints"
+  infos, notes = [], []
+  for kind in KINDS:
+    kind_dir = root / kind
+    if not kind_dir.is_dir():
+      notes.append(f"checkpoints/{kind} is missing")
+      continue
+    try:
+      steps = sorted(_manager(kind_dir).all_steps())
+    except Exception as e:  # orbax raises many types for damaged folders
+      notes.append(f"checkpoints/{kind} is unreadable ({type(e).__name__}: {e})")
+      continue
+    notes += [f"checkpoints/{kind}/{s}" for s in stray_entries(kind_dir)]
+    if not steps:
+      notes.append(f"checkpoints/{kind} holds no checkpoint")
+    infos += [describe_checkpoint(kind_dir / str(s), kind) for s in steps]
+  return infos, notes
+
+
+def best_checkpoint_dir(workdir) -> pathlib.Path:
+  """The step folder of a workdir's best checkpoint (by val accuracy)."""
+  workdir = pathlib.Path(workdir)
+  if not workdir.is_dir():
+    raise RunError(f"{workdir} does not exist")
+  best = workdir / "checkpoints" / "best"
+  if not best.is_dir():
+    raise RunError(f"{workdir} has no checkpoints/best: not a trained run's workdir, or its "
+                   "training has not finished an epoch yet")
+  mgr = _manager(best)
+  step = mgr.best_step() if mgr.best_step() is not None else mgr.latest_step()
+  if step is None:
+    strays = stray_entries(best)
+    raise RunError(f"{best} holds no checkpoint" +
+                   (f" (only {', '.join(strays)})" if strays else ""))
+  return best / str(step)
+
+
+def resolve_checkpoint(workdir=None, checkpoint=None) -> pathlib.Path:
+  """The step folder to use: `checkpoint` if given, else the best one of `workdir`."""
+  if checkpoint:
+    path = pathlib.Path(checkpoint)
+    if (path / "checkpoints" / "best").is_dir():  # a workdir passed as --checkpoint
+      return best_checkpoint_dir(path)
+    if path.name == "state":
+      path = path.parent
+    if not path.is_dir():
+      raise RunError(f"{path} does not exist")
+    if not (path / "state").is_dir():
+      raise RunError(f"{path} is neither a run's workdir nor a checkpoint (a folder holding "
+                     "`state` and `meta`)")
+    return path
+  if not workdir:
+    raise RunError("Pass --workdir (a trained run) or --checkpoint (a checkpoint folder)")
+  return best_checkpoint_dir(workdir)
+
+
+# ----------------------------------------------------------------------------- arrays
+
+
+def restore_state(step_dir) -> dict:
+  """The whole saved train state of a checkpoint as numpy arrays, on any device topology."""
+  tree = state_metadata(step_dir)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  state_dir = (pathlib.Path(step_dir) / "state").absolute()
+  try:
+    restored = ocp.StandardCheckpointer().restore(state_dir, target)
+  except Exception as e:  # orbax raises many types for damaged files
+    raise RunError(f"{state_dir}: the arrays cannot be read ({type(e).__name__}: "
+                   f"{str(e)[:300]}); the checkpoint is damaged") from e
+  return jax.tree.map(np.asarray, restored)
+
+
+def restore_variables(step_dir) -> dict:
+  """{'params', 'batch_stats'} of a checkpoint, as numpy arrays."""
+  state = restore_state(step_dir)
+  return {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
+
+
+def load(workdir=None, checkpoint=None) -> Run:
+  """The config, model and variables of a run's best checkpoint or of `checkpoint`."""
+  from fer.models import build_model  # pylint: disable=import-outside-toplevel
+  step_dir = resolve_checkpoint(workdir, checkpoint)
+  config = load_config(workdir or step_dir)
+  info = describe_checkpoint(step_dir, "path" if checkpoint else "best")
+  if info.problem:
+    raise RunError(info.problem)
+  try:
+    model = build_model(config.model)
+  except (ValueError, KeyError, AttributeError) as e:
+    raise RunError(f"The config of {workdir or step_dir} does not build a model: {e}") from e
+  variables = {k: v for k, v in restore_variables(step_dir).items() if k == "params" or v}
+  return Run(config=config, model=model, variables=variables, checkpoint=info)

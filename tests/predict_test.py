@@ -1,0 +1,249 @@
+"""fer.predict and fer.faces: crops on known boxes, the detector on a made photo, the whole
+pipeline against the model, outputs, annotation, and per-file problems."""
+
+import csv
+import io
+import json
+
+import cv2
+import numpy as np
+from PIL import Image
+import pytest
+
+from fer import faces
+from fer import predict
+from fer import runs
+from fer import train
+from fer.datasets import synthetic
+from fer.datasets.fer2013 import CLASSES
+import trained_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  return runs.load(trained_run.tiny_run(tmp_path_factory))
+
+
+@pytest.fixture(scope="module")
+def synthetic_faces():
+  images, _ = synthetic.make_faces(8, seed=3)
+  return images
+
+
+def _model_probs(run, images, tta="none"):
+  return np.asarray(train.make_predict(run.model, tta)(run.variables, images))
+
+
+def _photo(faces_uint8, scale, origins, size=(300, 520), background=70):
+  """An RGB photo with each face enlarged `scale` times (nearest) at its (x, y) origin."""
+  photo = np.full(size + (3,), background, np.uint8)
+  for face, (x, y) in zip(faces_uint8, origins):
+    big = np.repeat(np.repeat(face[..., 0], scale, 0), scale, 1)
+    photo[y:y + big.shape[0], x:x + big.shape[1]] = big[..., None]
+  return photo
+
+
+class FakeDetector:
+  """Returns fixed boxes and records what it was called with."""
+
+  def __init__(self, boxes):
+    self.boxes, self.calls = boxes, []
+
+  def detect(self, grey):
+    self.calls.append(grey)
+    return list(self.boxes)
+
+
+# ----------------------------------------------------------------------------- crops
+
+
+def test_crop_on_known_box_recovers_the_face(synthetic_faces):
+  face = synthetic_faces[0]
+  photo = _photo([face], 1, [(100, 40)])[..., 0]
+  np.testing.assert_array_equal(faces.crop_face(photo, faces.Box(100, 40, 48, 48), 0.0), face)
+  # Enlarged 3x: area averaging of 3x3 equal pixels gives the face back exactly.
+  photo = _photo([face], 3, [(10, 20)])[..., 0]
+  np.testing.assert_array_equal(faces.crop_face(photo, faces.Box(10, 20, 144, 144), 0.0), face)
+
+
+def test_crop_margin_and_edges():
+  grey = np.arange(100 * 200, dtype=np.uint32).reshape(100, 200).astype(np.uint8)
+  out = faces.crop_face(grey, faces.Box(0, 0, 30, 20), margin=0.5)  # square, leaves the image
+  assert out.shape == (48, 48, 1) and out.dtype == np.uint8
+  # A non-square box becomes the square around its centre: with margin 0, side 40.
+  ramp = np.tile(np.arange(200, dtype=np.uint8), (100, 1))
+  crop = faces.crop_face(ramp, faces.Box(50, 30, 40, 10), margin=0.0, size=40)
+  np.testing.assert_array_equal(crop[0, :, 0], np.arange(50, 90))
+  with pytest.raises(ValueError, match="outside"):
+    faces.crop_face(grey, faces.Box(500, 500, 10, 10))
+
+
+def test_grey_conversion_matches_training():
+  rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+  img = Image.fromarray(rgb)
+  np.testing.assert_array_equal(faces.to_grey(img), np.asarray(img.convert("L")))
+  sixteen = Image.fromarray(np.full((4, 4), 65535, np.uint16))
+  assert faces.to_grey(sixteen).max() == 255
+  transparent = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+  assert faces.to_grey(transparent).min() == 255  # composited on white
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+def test_detector_is_called_on_the_photo_and_its_boxes_are_classified(tmp_path, run,
+                                                                      synthetic_faces):
+  origins = [(20, 30), (300, 60)]
+  Image.fromarray(_photo(synthetic_faces[:2], 2, origins)).save(tmp_path / "group.png")
+  detector = FakeDetector([faces.Box(x, y, 96, 96) for x, y in origins])
+  results = predict.predict_files(run, [tmp_path / "group.png"], detector, margin=0.0)
+  (grey,) = detector.calls
+  assert grey.shape == (300, 520) and grey.dtype == np.uint8
+  assert [r.box for r in results.faces] == detector.boxes
+  assert [r.face for r in results.faces] == [1, 2]
+  np.testing.assert_allclose(np.stack([r.probs for r in results.faces]),
+                             _model_probs(run, synthetic_faces[:2]), atol=1e-5)
+
+
+def test_opencv_cascade_finds_faces_pasted_into_a_photo(synthetic_faces):
+  """The real bundled detector on a photo made here: two enlarged synthetic faces."""
+  origins = [(40, 50), (300, 80)]
+  photo = np.full((320, 520), 70, np.uint8)
+  for face, (x, y) in zip(synthetic_faces[:2], origins):
+    photo[y:y + 144, x:x + 144] = cv2.resize(face[..., 0], (144, 144),
+                                             interpolation=cv2.INTER_CUBIC)
+  detector = faces.FaceDetector()
+  boxes = detector.detect(photo)
+  assert len(boxes) == 2, boxes
+  for box, (x, y) in zip(boxes, origins):
+    overlap_w = min(box.x + box.w, x + 144) - max(box.x, x)
+    overlap_h = min(box.y + box.h, y + 144) - max(box.y, y)
+    iou = overlap_w * overlap_h / (box.w * box.h + 144 * 144 - overlap_w * overlap_h)
+    assert iou > 0.5, (box, x, y)
+  assert detector.detect(np.full((200, 200), 128, np.uint8)) == []
+  # A large photo is searched downscaled; boxes come back in its own pixels.
+  big = cv2.resize(photo, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)
+  big_boxes = faces.FaceDetector(max_side=600).detect(big)
+  assert len(big_boxes) == 2 and all(abs(b.x - 4 * a.x) < 40 for a, b in zip(boxes, big_boxes))
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def test_no_detect_pipeline_matches_the_model(tmp_path, run, synthetic_faces):
+  (tmp_path / "sub").mkdir()
+  paths = []
+  for i, face in enumerate(synthetic_faces[:5]):
+    path = tmp_path / ("sub" if i % 2 else "") / f"face{i}.png"
+    Image.fromarray(face[..., 0]).save(path)
+    paths.append(path)
+  results = predict.predict_files(run, [tmp_path], detector=None, tta="flip")
+  assert not results.problems and results.tta == "flip"
+  by_file = {r.file: r for r in results.faces}
+  assert sorted(by_file) == sorted(map(str, paths))
+  probs = np.stack([by_file[str(p)].probs for p in paths])
+  np.testing.assert_allclose(probs, _model_probs(run, synthetic_faces[:5], "flip"), atol=1e-5)
+  r = by_file[str(paths[0])]
+  assert r.box == (0, 0, 48, 48) and r.emotion == CLASSES[int(np.argmax(r.probs))]
+
+
+def test_problems_are_reported_per_file_and_the_rest_runs(tmp_path, run, synthetic_faces):
+  Image.fromarray(synthetic_faces[0, ..., 0]).save(tmp_path / "good.png")
+  Image.fromarray(synthetic_faces[1, ..., 0]).convert("RGB").save(tmp_path / "colour.jpg")
+  (tmp_path / "notes.txt").write_text("not an image")
+  (tmp_path / "empty.png").write_bytes(b"")
+  full = (tmp_path / "colour.jpg").read_bytes()
+  (tmp_path / "truncated.jpg").write_bytes(full[:len(full) // 3])
+  (tmp_path / "fake.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
+  Image.new("RGB", (200, 150), (128, 128, 128)).save(tmp_path / "blank.jpg")
+  class FlatIsNoFace:  # the real cascade's view of tiny 48x48 photos varies; mock it
+    def detect(self, grey):
+      return [faces.whole_image_box(grey)] if grey.std() > 1 else []
+
+  results = predict.predict_files(run, [tmp_path, tmp_path / "missing.png"], FlatIsNoFace(),
+                                  progress_stream=None)
+  problems = {p.file.rsplit("/", 1)[-1]: p.problem for p in results.problems}
+  assert problems["notes.txt"] == "not a JPEG or PNG image"
+  assert problems["missing.png"] == "does not exist"
+  assert problems["blank.jpg"] == "no face found"
+  assert problems["truncated.jpg"].startswith("unreadable")
+  assert problems["fake.png"] == "unreadable (a damaged or truncated PNG)"
+  assert problems["empty.png"] == "unreadable (empty file)"
+  assert len(problems) == 6 and len(results.faces) == 2
+  # With --no_detect the two real images are classified; the broken ones still reported.
+  results = predict.predict_files(run, [tmp_path], None, progress_stream=None)
+  assert sorted(r.file.rsplit("/", 1)[-1] for r in results.faces) == ["blank.jpg", "colour.jpg",
+                                                                       "good.png"]
+  assert len(results.problems) == 4
+
+
+def test_progress_is_shown_for_many_files(tmp_path, run, synthetic_faces):
+  for i in range(25):
+    Image.fromarray(synthetic_faces[i % 8, ..., 0]).save(tmp_path / f"{i:02d}.png")
+  stream = io.StringIO()
+  results = predict.predict_files(run, [tmp_path], None, progress_stream=stream,
+                                  progress_every_seconds=0)
+  assert len(results.faces) == 25
+  lines = stream.getvalue().splitlines()
+  assert lines[-1].startswith("  [25/25] files read, 25 faces") and "ETA" in lines[-1]
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _results():
+  probs = np.array([[0.1, 0.0, 0.0, 0.7, 0.1, 0.05, 0.05], [0.0] * 5 + [0.9, 0.1]])
+  return predict.Results(
+      faces=[predict.FaceResult("a.jpg", 1, faces.Box(1, 2, 30, 30), probs[0]),
+             predict.FaceResult("a.jpg", 2, faces.Box(50, 2, 32, 32), probs[1])],
+      problems=[predict.Problem("b.txt", "not a JPEG or PNG image")], checkpoint="ck",
+      tta="none")
+
+
+def test_json_csv_and_table():
+  data = json.loads(predict.to_json(_results()))
+  assert data["classes"] == list(CLASSES)
+  assert [f["emotion"] for f in data["faces"]] == ["happy", "surprise"]
+  assert data["faces"][0]["box"] == [1, 2, 30, 30]
+  assert data["faces"][1]["probabilities"]["surprise"] == pytest.approx(0.9)
+  assert data["problems"] == [{"file": "b.txt", "problem": "not a JPEG or PNG image"}]
+  rows = list(csv.DictReader(io.StringIO(predict.to_csv(_results()))))
+  assert len(rows) == 3 and rows[0]["emotion"] == "happy" and rows[0]["width"] == "30"
+  assert float(rows[0]["happy"]) == pytest.approx(0.7) and rows[2]["problem"]
+  table = predict.to_table(_results())
+  assert "happy" in table and "b.txt: not a JPEG or PNG image" in table
+  assert "2 faces in 1 files; 1 files with problems" in table
+
+
+def test_annotate_draws_boxes_and_never_overwrites_inputs(tmp_path):
+  Image.new("RGB", (120, 60), (90, 90, 90)).save(tmp_path / "a.jpg")
+  Image.new("L", (40, 40), 90).save(tmp_path / "b.png")
+  results = _results()
+  results.faces = [predict.FaceResult(str(tmp_path / "a.jpg"), 1, faces.Box(10, 20, 30, 30),
+                                      results.faces[0].probs)]
+  files = [str(tmp_path / "a.jpg"), str(tmp_path / "b.png"), str(tmp_path / "none.png")]
+  written = predict.annotate(results, tmp_path, files)  # into the input folder itself
+  assert [p.name for p in written] == ["a_1.jpg", "b_1.png"]
+  original = np.asarray(Image.open(tmp_path / "a.jpg"))
+  drawn = np.asarray(Image.open(tmp_path / "a_1.jpg")).astype(int)
+  assert np.abs(drawn - original).max() > 100  # a box was drawn
+  assert drawn.shape == original.shape
+
+
+def test_cli(tmp_path, run, synthetic_faces):
+  workdir = run.checkpoint.path.parents[2]
+  for i in range(3):
+    Image.fromarray(synthetic_faces[i, ..., 0]).save(tmp_path / f"face{i}.png")
+  (tmp_path / "readme.txt").write_text("x")
+  proc = trained_run.run_module("fer.predict", f"--workdir={workdir}", "--no_detect",
+                                "--format=csv", f"--output={tmp_path / 'out' / 'e.csv'}",
+                                f"--annotate={tmp_path / 'ann'}", tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = list(csv.DictReader(open(tmp_path / "out" / "e.csv")))
+  assert [r["problem"] for r in rows] == ["", "", "", "not a JPEG or PNG image"]
+  assert "face0.png" in proc.stdout and "3 faces in 3 files" in proc.stdout
+  assert sorted(p.name for p in (tmp_path / "ann").iterdir()) == [f"face{i}.png" for i in
+                                                                   range(3)]
+  bad = trained_run.run_module("fer.predict", f"--workdir={tmp_path}", tmp_path)
+  assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+  assert "has no checkpoints/best" in bad.stderr
