@@ -1,4 +1,10 @@
-"""Models: the searchable CNN and VGG16. `build_model(config.model)` picks one."""
+"""Models: the searchable CNN and VGG16. `build_model(config.model)` picks one by `model.name`:
+
+  cnn         the searchable CNN (fer/models/cnn.py)
+  vgg16       VGG16 conv base plus head on images (fer/models/vgg16.py); keys head_features,
+              head_dropout, head_pool, input_size, preprocess (added by configs/vgg16_*.py)
+  vgg16_head  the VGG16 head alone, on features cached by fer/features.py (same keys)
+"""
 
 import jax.numpy as jnp
 
@@ -20,4 +26,15 @@ def build_model(model_cfg):
         dropout=model_cfg.dropout,
         dtype=dtype,
     )
-  raise ValueError(f"model.name={model_cfg.name!r}: expected one of: cnn")
+  if model_cfg.name in ("vgg16", "vgg16_head"):
+    from fer.models import vgg16  # pylint: disable=import-outside-toplevel
+    model = vgg16.VGG16(
+        head_features=tuple(model_cfg.head_features),
+        head_dropout=model_cfg.head_dropout,
+        head_pool=model_cfg.head_pool,
+        input_size=model_cfg.input_size,
+        preprocess=model_cfg.preprocess,
+        dtype=dtype,
+    )
+    return model if model_cfg.name == "vgg16" else vgg16.head_of(model)
+  raise ValueError(f"model.name={model_cfg.name!r}: expected one of: cnn, vgg16, vgg16_head")
