@@ -309,7 +309,9 @@ def _fmt_time(seconds):
 def load_data(config, workdir):
   """{'train', 'val', 'test'} -> {'image', 'label'} arrays: the images (uint8 [N, 48, 48, 1]) or,
   for a model trained on cached features, those features."""
-  del workdir  # used by cached-feature models
+  if config.model.name == "vgg16_head":
+    from fer import features  # pylint: disable=import-outside-toplevel
+    return features.load_or_compute(config, workdir)
   from fer import input_pipeline  # pylint: disable=import-outside-toplevel
   return input_pipeline.load_splits(config.input)
 
