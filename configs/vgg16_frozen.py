@@ -1,0 +1,30 @@
+r"""VGG16 transfer learning, way 2: frozen base plus head, trained end-to-end on augmented images.
+
+  python -m fer.main --config=configs/vgg16_frozen.py --workdir=runs/vgg16_frozen
+  python -m fer.main --config=configs/vgg16_frozen.py --workdir=runs/vgg16_frozen_random \
+      --config.pretrained.weights=none      # no weights file: seeded random base
+  python -m fer.main --config=configs/vgg16_frozen.py:runlocal --workdir=/tmp/vgg16_frozen \
+      --config.pretrained.weights=none      # CPU smoke test, synthetic faces
+
+Every image goes through the base in every step, so the augmentation of configs/augment.py
+(flip, rotation, shift, zoom) can be used. The base is frozen by `optim.freeze='^block'`: its
+parameters get no update and no optimizer state (tests/vgg16_experiments_test.py checks that
+they stay bit-identical). The original Keras study reached 39.3% test accuracy end-to-end.
+Expected accuracy and time: the README's VGG16 table, filled from real runs. This run's
+workdir is the starting point of configs/vgg16_finetune.py.
+"""
+
+from configs import vgg16_common
+
+
+def get_config(arg=None):
+  c = vgg16_common.base(arg)
+  c.optim.freeze = "^block"  # the whole conv base
+  c.augment.flip = True
+  c.augment.rotate_degrees = 10.0
+  c.augment.shift_fraction = 0.1
+  c.augment.zoom_fraction = 0.1
+  if arg != "runlocal":
+    c.train.num_epochs = 30
+    c.train.early_stopping_epochs = 8
+  return c
