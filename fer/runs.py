@@ -74,7 +74,7 @@ def load_config(path) -> ml_collections.ConfigDict:
   try:
     return ml_collections.ConfigDict(json.loads(file.read_text()))
   except (OSError, ValueError) as e:
-    raise RunError(f"{file} is not a readable config ({type(e).__name__}: {e})") from e
+    raise RunError(f"{file} is not a readable config ({_why(e)})") from e
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -110,12 +110,25 @@ def state_metadata(step_dir) -> Any:
   try:
     md = ocp.StandardCheckpointer().metadata(state_dir.absolute()).item_metadata
   except Exception as e:  # orbax raises many types for damaged files
-    raise RunError(f"{state_dir}: unreadable metadata ({type(e).__name__}: {e})") from e
+    raise RunError(f"{state_dir}: unreadable metadata ({_why(e)})") from e
   tree = getattr(md, "tree", md)
-  if not tree or "params" not in tree:
-    raise RunError(f"{state_dir}: _METADATA is unreadable or holds no `params` (damaged "
-                   "checkpoint, or not one written by fer.train)")
+  if tree is None:  # orbax logs the cause and returns None
+    try:
+      json.loads((state_dir / "_METADATA").read_text())
+    except (OSError, ValueError) as e:
+      raise RunError(f"{state_dir}: _METADATA is unreadable ({_why(e)}); the checkpoint is "
+                     "damaged") from e
+    raise RunError(f"{state_dir}: orbax cannot read the array metadata though _METADATA "
+                   "parses: the array store (manifest.ocdbt, d/) is damaged or incomplete")
+  if "params" not in tree:
+    raise RunError(f"{state_dir}: holds no `params` (not a checkpoint written by fer.train)")
   return tree
+
+
+def _why(e: Exception) -> str:
+  """'Type: the first line of the message', shortened (TensorStore errors run to pages)."""
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def read_meta(step_dir) -> dict:
@@ -127,7 +140,7 @@ def read_meta(step_dir) -> dict:
   try:
     meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir.absolute())
   except Exception as e:  # orbax raises many types for damaged files
-    raise RunError(f"{meta_dir}: unreadable ({type(e).__name__}: {str(e)[:200]})") from e
+    raise RunError(f"{meta_dir}: unreadable ({_why(e)})") from e
   if not isinstance(meta, dict) or "epoch" not in meta:
     raise RunError(f"{meta_dir}: holds no `epoch` (not a checkpoint written by fer.train)")
   return meta
@@ -226,8 +239,8 @@ def restore_state(step_dir) -> dict:
   try:
     restored = ocp.StandardCheckpointer().restore(state_dir, target)
   except Exception as e:  # orbax raises many types for damaged files
-    raise RunError(f"{state_dir}: the arrays cannot be read ({type(e).__name__}: "
-                   f"{str(e)[:300]}); the checkpoint is damaged") from e
+    raise RunError(f"{state_dir}: the arrays cannot be read ({_why(e)}); the checkpoint is "
+                   "damaged") from e
   return jax.tree.map(np.asarray, restored)
 
 
@@ -250,4 +263,22 @@ def load(workdir=None, checkpoint=None) -> Run:
   except (ValueError, KeyError, AttributeError) as e:
     raise RunError(f"The config of {workdir or step_dir} does not build a model: {e}") from e
   variables = {k: v for k, v in restore_variables(step_dir).items() if k == "params" or v}
+  check_face_input(model, variables, config)
   return Run(config=config, model=model, variables=variables, checkpoint=info)
+
+
+def check_face_input(model, variables, config):
+  """Raises RunError unless the model maps grey 48x48 faces to 7 logits with these variables
+  (traced only: no computation)."""
+  from fer.datasets.fer2013 import IMAGE_SHAPE, NUM_CLASSES  # pylint: disable=import-outside-toplevel
+  faces = jax.ShapeDtypeStruct((1,) + IMAGE_SHAPE, np.uint8)
+  try:
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, faces)
+  except Exception as e:  # flax raises many types for mismatched trees and shapes
+    raise RunError(
+        f"The model of this run (model.name={config.model.name!r}) does not take grey 48x48 "
+        f"faces with its checkpoint's variables ({_why(e)}). A head "
+        "trained on cached features holds no conv base: use a run trained on images.") from e
+  if out.shape != (1, NUM_CLASSES):
+    raise RunError(f"The model of this run outputs {out.shape} for one face, not "
+                   f"(1, {NUM_CLASSES})")
