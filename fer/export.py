@@ -42,14 +42,20 @@ import numpy as np
 from fer import runs
 from fer.datasets.fer2013 import CLASSES
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run's workdir (its best checkpoint).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A checkpoint folder instead of the best "
-                                  "one; its config is found above it, or in --workdir.")
-_OUTPUT = flags.DEFINE_string("output", None, "The folder to write.")
-_TTA = flags.DEFINE_enum("tta", None, ["none", "flip", "tencrop"], "Test-time augmentation "
-                         "built into the function; default: the run's eval.tta.")
-_PLATFORMS = flags.DEFINE_list("platforms", ["cpu", "cuda"], "Platforms to lower for.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output folder.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The flags, defined only when run as a command (the CLIs share flag names)."""
+  flags.DEFINE_string("workdir", None, "A trained run's workdir (its best checkpoint).")
+  flags.DEFINE_string("checkpoint", None, "A checkpoint folder instead of the best one; its "
+                      "config is found above it, or in --workdir.")
+  flags.DEFINE_string("output", None, "The folder to write.")
+  flags.DEFINE_enum("tta", None, ["none", "flip", "tencrop"], "Test-time augmentation built "
+                    "into the function; default: the run's eval.tta.")
+  flags.DEFINE_list("platforms", ["cpu", "cuda"], "Platforms to lower for.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing --output folder.")
+
 
 MODEL_FILE = "model.jax_export"
 PARAMS_FILE = "params.npz"
@@ -165,12 +171,12 @@ def write_export(run: runs.Run, output, tta: str | None = None, platforms=("cpu"
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not _OUTPUT.value:
+  if not FLAGS.output:
     raise app.UsageError("--output is required")
   logging.set_verbosity(logging.ERROR)  # orbax's notes on read-only managers are noise here
   try:
-    run = runs.load(_WORKDIR.value, _CHECKPOINT.value)
-    out = write_export(run, _OUTPUT.value, _TTA.value, _PLATFORMS.value, _OVERWRITE.value)
+    run = runs.load(FLAGS.workdir, FLAGS.checkpoint)
+    out = write_export(run, FLAGS.output, FLAGS.tta, FLAGS.platforms, FLAGS.overwrite)
   except (runs.RunError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -181,4 +187,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -33,12 +33,17 @@ import numpy as np
 
 from fer import runs
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run's workdir.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The checkpoint folder whose parameters to "
-                                  "show and compare; default: the run's best.")
-_COMPARE = flags.DEFINE_string("compare", None, "Another workdir (its best checkpoint) or "
-                               "checkpoint folder to compare parameters with.")
-_SHOW_CONFIG = flags.DEFINE_bool("show_config", True, "Print the run's config.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The flags, defined only when run as a command (the CLIs share flag names)."""
+  flags.DEFINE_string("workdir", None, "A trained run's workdir.")
+  flags.DEFINE_string("checkpoint", None, "The checkpoint folder whose parameters to show and "
+                      "compare; default: the run's best.")
+  flags.DEFINE_string("compare", None, "Another workdir (its best checkpoint) or checkpoint "
+                      "folder to compare parameters with.")
+  flags.DEFINE_bool("show_config", True, "Print the run's config.")
 
 
 # ----------------------------------------------------------------------------- trees
@@ -240,14 +245,15 @@ def inspect_run(workdir, checkpoint=None, compare=None, show_config=True) -> tup
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
+  if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.ERROR)
-  report, ok = inspect_run(_WORKDIR.value, _CHECKPOINT.value, _COMPARE.value,
-                           _SHOW_CONFIG.value)
+  report, ok = inspect_run(FLAGS.workdir, FLAGS.checkpoint, FLAGS.compare,
+                           FLAGS.show_config)
   sys.stdout.write(report)
   return 0 if ok else 1
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -43,23 +43,30 @@ from fer import faces as faces_lib
 from fer import runs
 from fer.datasets.fer2013 import CLASSES
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run's workdir (its best checkpoint "
-                               "and config.json are used).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A checkpoint folder (RUN/checkpoints/"
-                                  "last/<epoch>) instead of the best one; its config is found "
-                                  "above it, or in --workdir.")
-_NO_DETECT = flags.DEFINE_bool("no_detect", False, "Take each image as an already cropped face.")
-_FORMAT = flags.DEFINE_enum("format", "table", ["table", "json", "csv"], "Output format.")
-_OUTPUT = flags.DEFINE_string("output", None, "Write the --format json/csv output to this file "
-                              "(atomically) and print the table.")
-_ANNOTATE = flags.DEFINE_string("annotate", None, "Write a copy of each image with boxes and "
-                                "labels drawn into this folder.")
-_TTA = flags.DEFINE_enum("tta", None, ["none", "flip", "tencrop"], "Test-time augmentation; "
-                         "default: the run's eval.tta.")
-_MARGIN = flags.DEFINE_float("margin", 0.1, "Context around a detected face, as a fraction of "
-                             "its box's side added on each side.")
-_MIN_FACE = flags.DEFINE_integer("min_face", 24, "Smallest face searched for, in pixels.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Faces per model call.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The flags, defined only when run as a command (the CLIs share flag names)."""
+  flags.DEFINE_string("workdir", None,
+                      "A trained run's workdir (its best checkpoint and config.json are used).")
+  flags.DEFINE_string("checkpoint", None,
+                      "A checkpoint folder (RUN/checkpoints/last/<epoch>) instead of the best "
+                      "one; its config is found above it, or in --workdir.")
+  flags.DEFINE_bool("no_detect", False, "Take each image as an already cropped face.")
+  flags.DEFINE_enum("format", "table", ["table", "json", "csv"], "Output format.")
+  flags.DEFINE_string("output", None,
+                      "Write the --format json/csv output to this file (atomically) and print "
+                      "the table.")
+  flags.DEFINE_string("annotate", None,
+                      "Write a copy of each image with boxes and labels drawn into this folder.")
+  flags.DEFINE_enum("tta", None, ["none", "flip", "tencrop"],
+                    "Test-time augmentation; default: the run's eval.tta.")
+  flags.DEFINE_float("margin", 0.1, "Context around a detected face, as a fraction of its "
+                     "box's side added on each side.")
+  flags.DEFINE_integer("min_face", 24, "Smallest face searched for, in pixels.")
+  flags.DEFINE_integer("batch_size", 256, "Faces per model call.")
+
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -317,30 +324,32 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError("Name one or more image files or folders.")
-  if _OUTPUT.value and _FORMAT.value == "table":
+  if FLAGS.output and FLAGS.format == "table":
     raise app.UsageError("--output needs --format=json or --format=csv")
   try:
-    run = runs.load(_WORKDIR.value, _CHECKPOINT.value)
-    detector = None if _NO_DETECT.value else faces_lib.FaceDetector(min_size=_MIN_FACE.value)
+    run = runs.load(FLAGS.workdir, FLAGS.checkpoint)
+    detector = (None if FLAGS.no_detect else
+                faces_lib.FaceDetector(min_size=FLAGS.min_face))
   except (runs.RunError, RuntimeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"Model: {run.checkpoint.path} (epoch {run.checkpoint.epoch}, val/accuracy "
         f"{run.checkpoint.val_accuracy})", file=sys.stderr, flush=True)
-  results = predict_files(run, paths, detector, _MARGIN.value, _TTA.value, _BATCH_SIZE.value)
-  text = {"json": to_json, "csv": to_csv, "table": to_table}[_FORMAT.value](results)
-  if _OUTPUT.value:
-    write_text_atomic(_OUTPUT.value, text)
-    print(f"Wrote {_OUTPUT.value}", file=sys.stderr)
+  results = predict_files(run, paths, detector, FLAGS.margin, FLAGS.tta, FLAGS.batch_size)
+  text = {"json": to_json, "csv": to_csv, "table": to_table}[FLAGS.format](results)
+  if FLAGS.output:
+    write_text_atomic(FLAGS.output, text)
+    print(f"Wrote {FLAGS.output}", file=sys.stderr)
     sys.stdout.write(to_table(results))
   else:
     sys.stdout.write(text)
-  if _ANNOTATE.value:
+  if FLAGS.annotate:
     files, _ = find_images(paths)
-    written = annotate(results, _ANNOTATE.value, files)
-    print(f"Wrote {len(written)} annotated images into {_ANNOTATE.value}", file=sys.stderr)
+    written = annotate(results, FLAGS.annotate, files)
+    print(f"Wrote {len(written)} annotated images into {FLAGS.annotate}", file=sys.stderr)
   return 1 if not results.faces else 0
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -10,6 +10,9 @@ loads on a laptop.
   run = runs.load(checkpoint="runs/cnn/checkpoints/last/30")   # config.json found above it
   run.model.apply(run.variables, images, train=False)
 
+A `vgg16_head` run (a head trained on cached features) comes back as the whole VGG16: the base
+it was trained on (config.pretrained, see fer/features.py) in front of the checkpoint's head.
+
 Anything unusable (no config.json, no checkpoint, a damaged or partial checkpoint) raises
 RunError with a message naming the path and what is wrong.
 """
@@ -263,22 +266,37 @@ def load(workdir=None, checkpoint=None) -> Run:
   except (ValueError, KeyError, AttributeError) as e:
     raise RunError(f"The config of {workdir or step_dir} does not build a model: {e}") from e
   variables = {k: v for k, v in restore_variables(step_dir).items() if k == "params" or v}
+  if config.model.name == "vgg16_head":
+    model, variables = _with_vgg16_base(config, variables)
   check_face_input(model, variables, config)
   return Run(config=config, model=model, variables=variables, checkpoint=info)
+
+
+def _with_vgg16_base(config, variables):
+  """A head trained on cached VGG16 features (fer/features.py) with the frozen base it ran on
+  put back in front: the whole VGG16 on faces, and its variables."""
+  from fer import features  # pylint: disable=import-outside-toplevel
+  try:
+    base = features.base_params(config)
+  except Exception as e:  # WeightsError, OSError, ...: the base weights file is not here
+    raise RunError(f"This run trained a head on cached VGG16 features; its checkpoint holds "
+                   f"the head only, and the base (pretrained.weights="
+                   f"{config.pretrained.weights!r}) cannot be loaded: {_why(e)}") from e
+  params = {**base, "head": variables["params"]}
+  return features.base_model(config.model), {**variables, "params": params}
 
 
 def check_face_input(model, variables, config):
   """Raises RunError unless the model maps grey 48x48 faces to 7 logits with these variables
   (traced only: no computation)."""
-  from fer.datasets.fer2013 import IMAGE_SHAPE, NUM_CLASSES  # pylint: disable=import-outside-toplevel
-  faces = jax.ShapeDtypeStruct((1,) + IMAGE_SHAPE, np.uint8)
+  from fer.datasets import fer2013  # pylint: disable=import-outside-toplevel
+  faces = jax.ShapeDtypeStruct((1,) + fer2013.IMAGE_SHAPE, np.uint8)
   try:
     out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, faces)
   except Exception as e:  # flax raises many types for mismatched trees and shapes
     raise RunError(
         f"The model of this run (model.name={config.model.name!r}) does not take grey 48x48 "
-        f"faces with its checkpoint's variables ({_why(e)}). A head "
-        "trained on cached features holds no conv base: use a run trained on images.") from e
-  if out.shape != (1, NUM_CLASSES):
+        f"faces with its checkpoint's variables ({_why(e)})") from e
+  if out.shape != (1, fer2013.NUM_CLASSES):
     raise RunError(f"The model of this run outputs {out.shape} for one face, not "
-                   f"(1, {NUM_CLASSES})")
+                   f"(1, {fer2013.NUM_CLASSES})")

@@ -247,3 +247,41 @@ def test_cli(tmp_path, run, synthetic_faces):
   bad = trained_run.run_module("fer.predict", f"--workdir={tmp_path}", tmp_path)
   assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
   assert "has no checkpoints/best" in bad.stderr
+
+
+def test_a_head_on_cached_vgg16_features_comes_back_with_its_base(tmp_path, monkeypatch):
+  """A vgg16_head run (configs/vgg16_cached.py) predicts faces through the base it was trained
+  on. Traced only: the base is a stand-in (no weights file, no 15M-parameter init)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from configs import vgg16_cached  # pylint: disable=import-outside-toplevel
+  from fer import checkpointing  # pylint: disable=import-outside-toplevel
+  from fer import features  # pylint: disable=import-outside-toplevel
+  from fer.models import vgg16  # pylint: disable=import-outside-toplevel
+
+  config = vgg16_cached.get_config("runlocal")
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  full = features.base_model(config.model)
+  shapes = jax.eval_shape(lambda: full.init(jax.random.key(0), np.zeros((1, 48, 48, 1),
+                                                                       np.uint8)))["params"]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.normal(0, 0.01, s.shape).astype(s.dtype), shapes)
+  head = params.pop("head")
+  monkeypatch.setattr(features, "base_params", lambda config, *args: params)
+  state = {"step": np.int32(3), "params": head, "batch_stats": {}, "rng": np.zeros(2, np.uint32)}
+  ckpts = checkpointing.Checkpoints(tmp_path)
+  ckpts.save_best(1, state, {"epoch": 1, "history": [{"epoch": 1, "step": 3,
+                                                      "val/accuracy": 0.25}]}, 0.25)
+  ckpts.close()
+  run = runs.load(tmp_path)
+  assert isinstance(run.model, vgg16.VGG16)
+  assert run.variables["params"]["block1_conv1"]["kernel"] is params["block1_conv1"]["kernel"]
+  np.testing.assert_array_equal(run.variables["params"]["head"]["logits"]["kernel"],
+                                head["logits"]["kernel"])
+  assert run.checkpoint.val_accuracy == 0.25
+
+  def no_weights(*args):
+    raise OSError("vgg16_weights.h5: no such file")
+
+  monkeypatch.setattr(features, "base_params", no_weights)
+  with pytest.raises(runs.RunError, match=r"holds the head only.*no such file"):
+    runs.load(tmp_path)
