@@ -319,19 +319,21 @@ def load_data(config, workdir):
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       data: dict | None = None) -> dict:
   """Trains, checkpoints, resumes, and evaluates the test split once at the end.
 
-  Returns the results dict that is also written to `workdir/results.json`.
+  `data`, a dict as `load_data` returns it, is used instead of loading (fer/search.py passes
+  its preloaded splits). Returns the results dict that is also written to `workdir/results.json`.
   """
   validate_config(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   with checkpointing.WorkdirLock(workdir):
-    return _train_and_evaluate(config, workdir)
+    return _train_and_evaluate(config, workdir, data)
 
 
-def _train_and_evaluate(config, workdir):
+def _train_and_evaluate(config, workdir, data=None):
   results_path = workdir / "results.json"
   if results_path.exists():
     results = json.loads(results_path.read_text())
@@ -340,7 +342,7 @@ def _train_and_evaluate(config, workdir):
     return results
   write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
 
-  data = load_data(config, workdir)
+  data = load_data(config, workdir) if data is None else data
   train_x, train_y = data["train"]["image"], data["train"]["label"]
   num_train = len(train_x)
   batch_size = config.input.batch_size
