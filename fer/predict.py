@@ -56,8 +56,8 @@ def define_flags():
   flags.DEFINE_bool("no_detect", False, "Take each image as an already cropped face.")
   flags.DEFINE_enum("format", "table", ["table", "json", "csv"], "Output format.")
   flags.DEFINE_string("output", None,
-                      "Write the --format json/csv output to this file (atomically) and print "
-                      "the table.")
+                      "Write the --format json/csv output (default: by the name's suffix) to "
+                      "this file, atomically, and print the table.")
   flags.DEFINE_string("annotate", None,
                       "Write a copy of each image with boxes and labels drawn into this folder.")
   flags.DEFINE_enum("tta", None, ["none", "flip", "tencrop"],
@@ -324,8 +324,11 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError("Name one or more image files or folders.")
-  if FLAGS.output and FLAGS.format == "table":
-    raise app.UsageError("--output needs --format=json or --format=csv")
+  fmt = FLAGS.format
+  if FLAGS.output and fmt == "table":
+    fmt = pathlib.Path(FLAGS.output).suffix.lower().lstrip(".")
+    if fmt not in ("json", "csv"):
+      raise app.UsageError("--output needs --format=json or --format=csv (or a .json/.csv name)")
   try:
     run = runs.load(FLAGS.workdir, FLAGS.checkpoint)
     detector = (None if FLAGS.no_detect else
@@ -333,10 +336,11 @@ def main(argv):
   except (runs.RunError, RuntimeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  acc = run.checkpoint.val_accuracy
   print(f"Model: {run.checkpoint.path} (epoch {run.checkpoint.epoch}, val/accuracy "
-        f"{run.checkpoint.val_accuracy})", file=sys.stderr, flush=True)
+        f"{'?' if acc is None else f'{acc:.4f}'})", file=sys.stderr, flush=True)
   results = predict_files(run, paths, detector, FLAGS.margin, FLAGS.tta, FLAGS.batch_size)
-  text = {"json": to_json, "csv": to_csv, "table": to_table}[FLAGS.format](results)
+  text = {"json": to_json, "csv": to_csv, "table": to_table}[fmt](results)
   if FLAGS.output:
     write_text_atomic(FLAGS.output, text)
     print(f"Wrote {FLAGS.output}", file=sys.stderr)
