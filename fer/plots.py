@@ -94,3 +94,31 @@ def learning_curves(history, path):
     ax.grid(alpha=0.3)
     ax.legend()
   return _save(fig, path)
+
+
+def search_scatter(rows, path, title=""):
+  """Architecture search: val accuracy against parameter count (log) and against wall time, one
+  point per trial coloured by its epoch budget; the best is a star, the baseline a square."""
+  fig = Figure(figsize=(11, 4.2))
+  axes = fig.subplots(1, 2, sharey=True)
+  budgets = sorted({r["epochs"] for r in rows})
+  colours = {e: f"C{i}" for i, e in enumerate(budgets)}
+  best = max(rows, key=lambda r: (r["epochs"], r["val/accuracy"]))
+  for ax, key, label in ((axes[0], "num_params", "parameters"),
+                         (axes[1], "total_wall_seconds", "wall time per trial (s)")):
+    for e in budgets:
+      pts = [r for r in rows if r["epochs"] == e]
+      ax.scatter([r[key] for r in pts], [r["val/accuracy"] for r in pts], s=28,
+                 color=colours[e], alpha=0.8, label=f"{e} epochs")
+    for r, marker, name in ((best, "*", "best"),) + tuple(
+        (r, "s", "baseline") for r in rows if r.get("baseline")):
+      ax.scatter([r[key]], [r["val/accuracy"]], s=160 if marker == "*" else 70,
+                 facecolors="none", edgecolors="black", marker=marker, label=name)
+    ax.set_xlabel(label)
+    ax.grid(alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+  axes[0].set_xscale("log")
+  axes[0].set_ylabel("val accuracy")
+  axes[1].legend(frameon=False, fontsize=8)
+  fig.suptitle(title or "architecture search")
+  return _save(fig, path)
