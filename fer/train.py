@@ -96,7 +96,8 @@ def make_train_chunk(model, tx, config, mesh, num_steps: int):
   """A jitted function running `num_steps` train steps in one lax.scan.
 
   chunk(state, images, labels, perm, start) -> (state, {'loss': sum, 'correct': sum}) where
-  step i of the chunk trains on images[perm[start + i*B : start + (i+1)*B]].
+  `start` is the epoch's step index of the chunk's first step, and step i of the chunk trains on
+  images[perm[(start + i) * B : (start + i + 1) * B]].
   """
   batch_size = config.input.batch_size
   data_sharding = NamedSharding(mesh, P("data"))
@@ -132,7 +133,7 @@ def make_train_chunk(model, tx, config, mesh, num_steps: int):
     # inside a while loop (lax.scan, even unroll=True at length 1) run 10-45x slower.
     losses, correct = [], []
     for i in range(num_steps):
-      idx = jax.lax.dynamic_slice(perm, (start + i * batch_size,), (batch_size,))
+      idx = jax.lax.dynamic_slice(perm, ((start + i) * batch_size,), (batch_size,))
       idx = jax.lax.with_sharding_constraint(idx, data_sharding)
       x = jax.lax.with_sharding_constraint(images[idx], data_sharding)
       y = jax.lax.with_sharding_constraint(labels[idx], data_sharding)

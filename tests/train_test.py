@@ -74,6 +74,17 @@ def test_resume_is_exact_and_completed_run_only_reports(tmp_path, capsys):
   assert again["test/accuracy"] == r["test/accuracy"]
 
 
+def test_steps_per_dispatch_does_not_change_training(tmp_path):
+  """Chunks of 1 step and of 5 steps (with a remainder chunk) train on the same batches."""
+  params = []
+  for k in (1, 5):
+    train.train_and_evaluate(tiny_config(**{"train.num_epochs": 1,
+                                            "train.steps_per_dispatch": k}), str(tmp_path / str(k)))
+    params.append(_params(tmp_path / str(k)))
+  for x, y in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
   c = tiny_config(**{"train.num_epochs": 1})
   train.train_and_evaluate(c, str(tmp_path))
