@@ -25,6 +25,8 @@ def build_model(model_cfg):
         dense_features=tuple(model_cfg.dense_features),
         dropout=model_cfg.dropout,
         dtype=dtype,
+        conv_impl=model_cfg.get("conv_impl", "xla"),
+        pool_impl=model_cfg.get("pool_impl", "reshape"),
     )
   if model_cfg.name in ("vgg16", "vgg16_head"):
     from fer.models import vgg16  # pylint: disable=import-outside-toplevel
