@@ -475,7 +475,8 @@ def _initialise_from(config, state, shardings):
   state stays freshly initialised."""
   from fer import pretrained  # pylint: disable=import-outside-toplevel
   params, batch_stats = state.params, state.batch_stats
-  if config.pretrained.weights != "none":
+  # A head-only model (vgg16_head) trains on features that already hold the pretrained base.
+  if config.pretrained.weights != "none" and config.model.name != "vgg16_head":
     loaded = pretrained.load_pretrained(config.pretrained)
     params = pretrained.merge_params(params, loaded, reset_regex=r"^head")
   if config.init_from:
@@ -488,21 +489,10 @@ def _initialise_from(config, state, shardings):
 
 
 def load_variables(path) -> dict:
-  """{'params', 'batch_stats'} of a run's best checkpoint (a workdir) or of a checkpoint dir."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  path = pathlib.Path(path)
-  if (path / "checkpoints" / "best").is_dir():
-    mgr = ocp.CheckpointManager((path / "checkpoints" / "best").absolute())
-    step = mgr.best_step() if mgr.best_step() is not None else mgr.latest_step()
-    if step is None:
-      raise checkpointing.CheckpointError(f"{path}/checkpoints/best holds no checkpoint")
-    path = pathlib.Path(mgr.directory) / str(step)
-  state_dir = path / "state" if (path / "state").is_dir() else path
-  if not state_dir.is_dir():
-    raise checkpointing.CheckpointError(
-        f"{path} is neither a run's workdir (with checkpoints/best) nor a checkpoint directory")
-  tree = ocp.StandardCheckpointer().restore(state_dir.absolute())
-  return {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}
+  """{'params', 'batch_stats'} (numpy) of a run's best checkpoint (a workdir) or of a checkpoint
+  dir, whatever device topology it was saved on."""
+  from fer import runs  # pylint: disable=import-outside-toplevel
+  return runs.restore_variables(runs.resolve_checkpoint(checkpoint=path))
 
 
 def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, model, meta,
