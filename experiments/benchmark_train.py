@@ -45,6 +45,8 @@ _EPOCHS = flags.DEFINE_integer("epochs", 1, "Whole epochs to time (after compila
 _COMPARE = flags.DEFINE_bool("compare", False, "Run the before/after (and Keras) comparison.")
 _KERAS = flags.DEFINE_string("keras_python", "", "A python with TensorFlow+Keras, for --compare.")
 _OUT = flags.DEFINE_string("out", "", "Write the comparison table (markdown) here.")
+_MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "Use only the first N training images "
+                                   "(an 'epoch' is then N images); 0 = all 28,709.")
 
 # The plain JAX step of the issue: XLA's own convolution and pooling, one step per dispatch.
 BASELINE = {"model.conv_impl": "xla", "model.pool_impl": "xla", "train.steps_per_dispatch": 1}
@@ -103,6 +105,8 @@ def main(argv):
   del argv
   config = flags.FLAGS.config
   data = input_pipeline.load_splits(config.input)["train"]
+  if _MAX_IMAGES.value:
+    data = {k: v[:_MAX_IMAGES.value] for k, v in data.items()}
   print(f"{len(data['image'])} training images; {machine()}", flush=True)
   command = "python " + " ".join(sys.argv)
   if not _COMPARE.value:
