@@ -63,6 +63,11 @@ def validate_config(config):
     value = config[group][name]
     if value not in choices:
       problems.append(f"{key}={value!r}: expected one of {', '.join(choices)}")
+  if not any(p.startswith("model.dtype") for p in problems):  # names an unknown model.name
+    try:
+      build_model(config.model)
+    except ValueError as e:
+      problems.append(str(e))
   positive = {"train.num_epochs": config.train.num_epochs,
               "input.batch_size": config.input.batch_size,
               "input.eval_batch_size": config.input.eval_batch_size,
@@ -370,6 +375,7 @@ def _train_and_evaluate(config, workdir, data=None):
   if restored is not None:
     _, state, meta = restored
     print(f"Resuming {workdir} after epoch {meta['epoch']} (step {int(state.step)}).", flush=True)
+    write_json_atomic(workdir / "metrics.jsonl", meta["history"], jsonl=True)  # may lag a kill
   elif config.init_from or config.pretrained.weights != "none":
     state = _initialise_from(config, state, shardings)
 
@@ -396,6 +402,7 @@ def _train_and_evaluate(config, workdir, data=None):
       log = {"step": 0, "time": t0}
 
       def on_chunk(done, state, sums, epoch=epoch, log=log):
+        checkpointing.fault_point("chunk")  # test hook (FER_FAULT); a no-op otherwise
         if done - log["step"] < log_every or done >= steps_per_epoch:
           return
         loss_so_far = float(sum(s["loss"] for s in sums)) / done
