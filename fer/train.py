@@ -98,7 +98,7 @@ def _variables(params, batch_stats):
 
 
 def make_train_chunk(model, tx, config, mesh, num_steps: int):
-  """A jitted function running `num_steps` train steps in one lax.scan.
+  """A jitted function running `num_steps` train steps as one straight-line program.
 
   chunk(state, images, labels, perm, start) -> (state, {'loss': sum, 'correct': sum}) where
   `start` is the epoch's step index of the chunk's first step, and step i of the chunk trains on
