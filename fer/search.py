@@ -16,8 +16,9 @@ Trials that differ only in VMAPPED_KEYS (learning rate, weight decay, seed) trai
 `jax.vmap` over them (learning rate and weight decay are per-trial arrays through
 `optax.inject_hyperparams`); all members see the same batches in the same order (the first
 member's data seed). Dropout rate, batch size and everything else are structure. On XLA:CPU
-vmapped convolutions become grouped convolutions, 3-4x slower than separate ones, so
-`search.vmap='auto'` trains groups only on an accelerator (experiments/benchmark_vmap_search.py).
+vmapped convolutions become grouped convolutions and a group of 8 trains about 4x slower than 8
+separate runs, so `search.vmap='auto'` trains groups only on an accelerator
+(experiments/results/benchmark_vmap_search.md).
 
 Workdir:
   trials.jsonl      append-only, one line per trial and rung (status ok or failed); a rerun skips
@@ -624,8 +625,8 @@ def _run(config, workdir):
 
 
 def use_vmap(setting: str) -> bool:
-  """search.vmap: on | off | auto (on except on a CPU, where XLA's grouped convolutions, which
-  vmapped convolutions become, are 3-4x slower than separate ones:
+  """search.vmap: on | off | auto (on except on a CPU: there vmapped convolutions become
+  grouped convolutions and a group trains about 4x slower than separate runs,
   experiments/results/benchmark_vmap_search.md)."""
   if setting not in ("on", "off", "auto"):
     raise ValueError(f"search.vmap={setting!r}: expected on, off or auto")
@@ -646,7 +647,7 @@ def _units(todo, grouped, max_group_size):
   return sorted(units, key=lambda u: u[0].index)
 
 
-def _row(trial, rung, epochs, workdir):
+def _row(trial, rung, epochs):
   return {"trial": trial.id, "name": trial.name, "index": trial.index, "rung": rung,
           "epochs": epochs, "status": "failed", "baseline": trial.baseline,
           "overrides": trial.overrides, "structure": trial.structure,
@@ -672,7 +673,7 @@ def _sample_shape(data):
 
 def _run_plain(trial, rung, epochs, data, workdir):
   """One trial through fer.train.train_and_evaluate in trials/<name> (resumes by itself)."""
-  row = _row(trial, rung, epochs, workdir)
+  row = _row(trial, rung, epochs)
   trial_dir = workdir / row["workdir"]
   print(f"\n== trial {trial.name} (rung {rung}, {epochs} epochs) {_short(trial.overrides)}",
         flush=True)
@@ -702,7 +703,7 @@ def _run_group(members, rung, epochs, prev_epochs, records, data, workdir):
   results also go to its own trials/<name>."""
   ids = [t.id for t in members]
   group_dir = pathlib.Path("groups") / f"{members[0].structure}-{epochs}ep-{_hash(ids, 6)}"
-  rows = [_row(t, rung, epochs, workdir) for t in members]
+  rows = [_row(t, rung, epochs) for t in members]
   for i, row in enumerate(rows):
     row.update(group=str(group_dir), member_index=i, group_size=len(members))
   print(f"\n== group {group_dir.name}: {len(members)} trials vmapped (rung {rung}, {epochs} "

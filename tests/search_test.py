@@ -237,3 +237,8 @@ def test_search_configs():
   assert search_config.get_config("random,runlocal").input.source == "synthetic"
   with pytest.raises(ValueError, match="unknown"):
     search_config.get_config("fast")
+  # vmapped groups: always with "on"; with "auto" only off a CPU (slower there).
+  assert search.use_vmap("on") and not search.use_vmap("off")
+  assert search.use_vmap("auto") == (jax.default_backend() != "cpu")
+  with pytest.raises(ValueError, match="search.vmap"):
+    search.use_vmap(True)
