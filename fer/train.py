@@ -97,15 +97,9 @@ def _variables(params, batch_stats):
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def make_train_chunk(model, tx, config, mesh, num_steps: int):
-  """A jitted function running `num_steps` train steps as one straight-line program.
-
-  chunk(state, images, labels, perm, start) -> (state, {'loss': sum, 'correct': sum}) where
-  `start` is the epoch's step index of the chunk's first step, and step i of the chunk trains on
-  images[perm[(start + i) * B : (start + i + 1) * B]].
-  """
-  batch_size = config.input.batch_size
-  data_sharding = NamedSharding(mesh, P("data"))
+def make_train_step(model, tx, config):
+  """train_step(state, images, labels) -> (state, (loss, number correct)): one optimizer step
+  on one batch (augmentation and mixing inside, per-step keys from fold_in(rng, step))."""
   aug_cfg = config.augment
   label_smoothing = config.optim.label_smoothing
 
@@ -132,6 +126,21 @@ def make_train_chunk(model, tx, config, mesh, num_steps: int):
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
     return new_state, (loss, correct)
+
+  return train_step
+
+
+def make_train_chunk(model, tx, config, mesh, num_steps: int, train_step=None):
+  """A jitted function running `num_steps` train steps as one straight-line program.
+
+  chunk(state, images, labels, perm, start) -> (state, {'loss': sum, 'correct': sum}) where
+  `start` is the epoch's step index of the chunk's first step, and step i of the chunk trains on
+  images[perm[(start + i) * B : (start + i + 1) * B]]. `train_step` defaults to
+  make_train_step(model, tx, config); the search passes a vmapped one (stacked states).
+  """
+  batch_size = config.input.batch_size
+  data_sharding = NamedSharding(mesh, P("data"))
+  train_step = train_step or make_train_step(model, tx, config)
 
   def chunk(state, images, labels, perm, start):
     # A straight-line program of `num_steps` steps: on XLA:CPU (jaxlib 0.10.2) convolutions
