@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 import numpy as np
 
 
@@ -97,8 +98,9 @@ def learning_curves(history, path):
 
 
 def search_scatter(rows, path, title=""):
-  """Architecture search: val accuracy against parameter count (log) and against wall time, one
-  point per trial coloured by its epoch budget; the best is a star, the baseline a square."""
+  """Architecture search: val accuracy against parameter count (log when it spans more than 10x)
+  and against wall time, one point per trial coloured by its epoch budget; the best is a star,
+  the baseline a square."""
   fig = Figure(figsize=(11, 4.2))
   axes = fig.subplots(1, 2, sharey=True)
   budgets = sorted({r["epochs"] for r in rows})
@@ -117,7 +119,13 @@ def search_scatter(rows, path, title=""):
     ax.set_xlabel(label)
     ax.grid(alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
-  axes[0].set_xscale("log")
+  counts = [r["num_params"] for r in rows]
+  if max(counts) > 10 * min(counts):
+    axes[0].set_xscale("log")
+  axes[0].xaxis.set_major_formatter(FuncFormatter(
+      lambda v, _: f"{v / 1e6:.1f}M" if v >= 1e6 else f"{v / 1e3:.0f}k"))
+  axes[0].xaxis.set_minor_formatter(NullFormatter())
+  axes[0].margins(x=0.08)
   axes[0].set_ylabel("val accuracy")
   axes[1].legend(frameon=False, fontsize=8)
   fig.suptitle(title or "architecture search")
