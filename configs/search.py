@@ -2,7 +2,7 @@ r"""Architecture search over the CNN of configs/cnn.py (fer/search.py; spaces in
 
   python -m fer.main --config=configs/search.py --workdir=runs/search            # grid 'small'
   python -m fer.main --config=configs/search.py:random --workdir=runs/search_random
-  python -m fer.main --config=configs/search.py:runlocal --workdir=/tmp/search   # ~1 min, synthetic
+  python -m fer.main --config=configs/search.py:runlocal --workdir=/tmp/search   # synthetic
 
 Kill it and rerun the same command: finished trials are skipped, the rest resume from their
 checkpoints. Every key of configs/cnn.py applies to all trials (`--config.input.archive=...`);
@@ -12,7 +12,10 @@ Outputs in the workdir: trials.jsonl (one line per trial and rung), trials/<name
 run), groups/<name>/ (vmapped groups' checkpoints), report.md (top-k table), search.png (val
 accuracy against parameters and wall time), best_config.py (the best trial as a config).
 
-Measured: see experiments/results/search/ and the README's "Architecture search" section.
+Measured on a shared 2-core AMD EPYC CPU (standard protocol, other runs beside it): the default
+grid (12 trials, rungs of 1 and 3 epochs, 22 trial-epochs) took 45 min; the best trial
+(batch norm on configs/cnn.py) reached val accuracy 0.561 after 3 epochs, configs/cnn.py 0.503
+(experiments/results/search/). :runlocal takes 2-3 min there.
 """
 
 import ml_collections
