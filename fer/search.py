@@ -46,12 +46,10 @@ import numpy as np
 import optax
 
 from configs import search_space
-from fer import augment
 from fer import checkpointing
 from fer import metrics as metrics_lib
 from fer import optim
 from fer import train
-from fer.datasets.fer2013 import NUM_CLASSES
 from fer.models import build_model
 
 # Per-trial arrays inside a vmapped group; every other config key is structure.
@@ -281,54 +279,10 @@ def make_group_init(model, tx, sample_shape, sample_dtype):
 
 
 def make_group_chunk(model, tx, config, mesh, num_steps: int):
-  """fer.train.make_train_chunk for a stacked state: every member trains on the same batches;
-  returns per-member {'loss': [G] sum, 'correct': [G] sum}. `start` is the epoch's step index
-  of the chunk's first step."""
-  batch_size = config.input.batch_size
-  data_sharding = NamedSharding(mesh, P("data"))
-  aug_cfg = config.augment
-  label_smoothing = config.optim.label_smoothing
-
-  def member_step(state, images, labels):
-    # The train step of fer.train.make_train_chunk, for one member (search_test checks they agree).
-    key = jax.random.fold_in(state.rng, state.step)
-    k_aug, k_mix, k_drop = jax.random.split(key, 3)
-    x = augment.augment(k_aug, images, aug_cfg)
-    targets = jax.nn.one_hot(labels, NUM_CLASSES)
-    x, targets = augment.mix(k_mix, x, targets, aug_cfg)
-
-    def loss_fn(params):
-      variables = train._variables(params, state.batch_stats)  # pylint: disable=protected-access
-      mutable = ["batch_stats"] if state.batch_stats else False
-      out = model.apply(variables, x, train=True, rngs={"dropout": k_drop}, mutable=mutable)
-      logits, new_vars = out if mutable else (out, {})
-      loss = metrics_lib.cross_entropy(logits, targets, label_smoothing)
-      return loss, (logits, new_vars.get("batch_stats", state.batch_stats))
-
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    correct = jnp.sum(jnp.argmax(logits, -1) == labels)
-    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state), (loss, correct)
-
-  step = jax.vmap(member_step, in_axes=(0, None, None))
-
-  def chunk(state, images, labels, perm, start):
-    # Straight-line steps, as in fer.train (no lax.scan: slow convolutions on XLA:CPU).
-    losses, correct = [], []
-    for i in range(num_steps):
-      idx = jax.lax.dynamic_slice(perm, ((start + i) * batch_size,), (batch_size,))
-      idx = jax.lax.with_sharding_constraint(idx, data_sharding)
-      x = jax.lax.with_sharding_constraint(images[idx], data_sharding)
-      y = jax.lax.with_sharding_constraint(labels[idx], data_sharding)
-      state, (loss, n_correct) = step(state, x, y)
-      losses.append(loss)
-      correct.append(n_correct)
-    return state, {"loss": sum(losses), "correct": sum(correct)}
-
-  return jax.jit(chunk, donate_argnums=0)
+  """fer.train.make_train_chunk for a stacked state: fer.train's train step vmapped over the
+  members, every member on the same batches; returns {'loss': [G] sum, 'correct': [G] sum}."""
+  step = jax.vmap(train.make_train_step(model, tx, config), in_axes=(0, None, None))
+  return train.make_train_chunk(model, tx, config, mesh, num_steps, train_step=step)
 
 
 def make_group_predict(model):
