@@ -10,14 +10,12 @@ training (about 500 images/s on the quiet machine); see experiments/results/augm
 """
 
 from configs import cnn
+from configs import common
 
 
 def get_config(arg=None):
   c = cnn.get_config(arg)
-  c.augment.flip = True
-  c.augment.rotate_degrees = 10.0
-  c.augment.shift_fraction = 0.1
-  c.augment.zoom_fraction = 0.1
+  common.apply_study_augmentation(c)
   c.model.dropout = 0.4
   c.model.conv_dropout = 0.1
   if arg != "runlocal":

@@ -82,6 +82,15 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
+def apply_study_augmentation(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The original study's Keras ImageDataGenerator: flip, rotation 10 deg, shift and zoom 10%."""
+  c.augment.flip = True
+  c.augment.rotate_degrees = 10.0
+  c.augment.shift_fraction = 0.1
+  c.augment.zoom_fraction = 0.1
+  return c
+
+
 def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a config to a CPU smoke test of seconds (big_vision's `:runlocal`)."""
   c.input.source = "synthetic"

@@ -14,16 +14,14 @@ Expected accuracy and time: the README's VGG16 table, filled from real runs. Thi
 workdir is the starting point of configs/vgg16_finetune.py.
 """
 
+from configs import common
 from configs import vgg16_common
 
 
 def get_config(arg=None):
   c = vgg16_common.base(arg)
   c.optim.freeze = "^block"  # the whole conv base
-  c.augment.flip = True
-  c.augment.rotate_degrees = 10.0
-  c.augment.shift_fraction = 0.1
-  c.augment.zoom_fraction = 0.1
+  common.apply_study_augmentation(c)
   if arg != "runlocal":
     c.train.num_epochs = 30
     c.train.early_stopping_epochs = 8

@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 import numpy as np
 
+from configs import common
 from fer import input_pipeline
 from fer import optim
 from fer import train
@@ -50,8 +51,8 @@ _MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "Use only the first N traini
 
 # The plain JAX step of the issue: XLA's own convolution and pooling, one step per dispatch.
 BASELINE = {"model.conv_impl": "xla", "model.pool_impl": "xla", "train.steps_per_dispatch": 1}
-AUGMENT = {"augment.flip": True, "augment.rotate_degrees": 10.0, "augment.shift_fraction": 0.1,
-           "augment.zoom_fraction": 0.1}
+AUGMENT = {f"augment.{k}": v for k, v in
+           common.apply_study_augmentation(common.base()).augment.items()}
 NO_AUGMENT = {"augment.flip": False, "augment.rotate_degrees": 0.0,
               "augment.shift_fraction": 0.0, "augment.zoom_fraction": 0.0}
 
