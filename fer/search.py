@@ -278,11 +278,16 @@ def make_group_init(model, tx, sample_shape, sample_dtype):
   return jax.vmap(one)
 
 
+def make_group_step(model, tx, config):
+  """fer.train's train step vmapped over a stacked state: every member on the same batch;
+  returns per-member (loss [G], correct [G])."""
+  return jax.vmap(train.make_train_step(model, tx, config), in_axes=(0, None, None))
+
+
 def make_group_chunk(model, tx, config, mesh, num_steps: int):
-  """fer.train.make_train_chunk for a stacked state: fer.train's train step vmapped over the
-  members, every member on the same batches; returns {'loss': [G] sum, 'correct': [G] sum}."""
-  step = jax.vmap(train.make_train_step(model, tx, config), in_axes=(0, None, None))
-  return train.make_train_chunk(model, tx, config, mesh, num_steps, train_step=step)
+  """fer.train.make_train_chunk for a stacked state; returns {'loss': [G], 'correct': [G]} sums."""
+  return train.make_train_chunk(model, tx, config, mesh, num_steps,
+                                train_step=make_group_step(model, tx, config))
 
 
 def make_group_predict(model):
@@ -295,13 +300,6 @@ def make_group_predict(model):
     return jnp.swapaxes(jax.nn.softmax(logits.astype(jnp.float32), -1), 0, 1)
 
   return jax.jit(predict)
-
-
-def _epoch_schedule(steps_per_epoch, k):
-  schedule = [(i * k, k) for i in range(steps_per_epoch // k)]
-  if steps_per_epoch % k:
-    schedule.append((steps_per_epoch - steps_per_epoch % k, steps_per_epoch % k))
-  return schedule
 
 
 def _abstract(tree, sharding):
@@ -420,18 +418,14 @@ def _train_group_epochs(c0, model, tx, mesh, state, meta, data, ckpts, workdir, 
   data_key = jax.random.PRNGKey(c0.seed + 1)  # the same order as fer.train for the first member
   epoch_perm = jax.jit(lambda epoch: jax.random.permutation(jax.random.fold_in(data_key, epoch),
                                                             num_train), out_shardings=replicated)
-  k = min(c0.train.steps_per_dispatch, steps_per_epoch)
-  schedule = _epoch_schedule(steps_per_epoch, k)
-  chunk_fns = {n: make_group_chunk(model, tx, c0, mesh, n) for n in {n for _, n in schedule}}
+  run_epoch = train.make_epoch_runner(model, tx, c0, mesh, steps_per_epoch,
+                                      train_step=make_group_step(model, tx, c0))
   predict = make_group_predict(model)
   epoch = meta["epoch"]
   while epoch < num_epochs and not all(meta["diverged"]):
     t0 = time.perf_counter()
     perm = epoch_perm(epoch)
-    sums = []
-    for start, n in schedule:
-      state, m = chunk_fns[n](state, images, labels, perm, start)
-      sums.append(m)
+    state, sums = run_epoch(state, images, labels, perm)
     loss = np.asarray(sum(m["loss"] for m in sums)) / steps_per_epoch
     acc = np.asarray(sum(m["correct"] for m in sums)) / (steps_per_epoch * batch_size)
     train_time = time.perf_counter() - t0

@@ -159,15 +159,16 @@ def make_train_chunk(model, tx, config, mesh, num_steps: int, train_step=None):
   return jax.jit(chunk, donate_argnums=0)
 
 
-def make_epoch_runner(model, tx, config, mesh, steps_per_epoch: int):
+def make_epoch_runner(model, tx, config, mesh, steps_per_epoch: int, train_step=None):
   """run(state, images, labels, perm, on_chunk=None) -> (state, per-chunk metric sums): one
   whole epoch as chunks of `config.train.steps_per_dispatch` steps (plus one remainder chunk).
-  `on_chunk(steps_done, state, sums)` is called after each chunk is dispatched."""
+  `on_chunk(steps_done, state, sums)` is called after each chunk is dispatched. `train_step`
+  as in make_train_chunk."""
   k = min(config.train.steps_per_dispatch, steps_per_epoch)
-  fns = {k: make_train_chunk(model, tx, config, mesh, k)}
+  fns = {k: make_train_chunk(model, tx, config, mesh, k, train_step)}
   remainder = steps_per_epoch % k
   if remainder:
-    fns[remainder] = make_train_chunk(model, tx, config, mesh, remainder)
+    fns[remainder] = make_train_chunk(model, tx, config, mesh, remainder, train_step)
   schedule = [(i * k, k) for i in range(steps_per_epoch // k)]
   if remainder:
     schedule.append((steps_per_epoch - remainder, remainder))
