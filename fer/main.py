@@ -9,6 +9,8 @@ from fer import xla_flags
 
 xla_flags.configure_cpu_defaults()  # before jax starts its backend; a no-op off CPU
 
+import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 from absl import logging
@@ -19,12 +21,42 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _message(e: BaseException) -> str:
+  """The innermost text of an exception (ml_collections nests KeyErrors in AttributeErrors)."""
+  while e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]
+  text = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+  lines = text.strip("'").replace("\\n", "\n").replace("\\'", "'").split("\n")
+  if isinstance(e, KeyError) or "Did you mean" in text:
+    lines[0] = f"unknown key {lines[0].strip(chr(39))!r}."
+  return " ".join(lines)
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a one-line error (no traceback) for a bad --config override."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    sys.exit(f"fer: config error: {_message(e)}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   config = flags.FLAGS.config
   job = config.get("job", "train")
+  try:
+    run(job, config)
+  except (ValueError, FloatingPointError, RuntimeError) as e:
+    # The project's own errors (invalid config, data, checkpoints, a busy workdir, divergence)
+    # say what is wrong and how to fix it; a traceback adds nothing. Others propagate.
+    if type(e).__module__.startswith("fer."):
+      sys.exit(f"fer: {type(e).__name__}: {e}")
+    raise
+
+
+def run(job, config):
   if job == "train":
     from fer import train  # pylint: disable=import-outside-toplevel
     train.train_and_evaluate(config, _WORKDIR.value)
@@ -39,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

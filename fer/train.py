@@ -43,6 +43,10 @@ class TrainingDivergedError(FloatingPointError):
   pass
 
 
+class ConfigError(ValueError):
+  """Impossible config values, found before any work starts."""
+
+
 # ----------------------------------------------------------------------------- config checks
 
 _CHOICES = {
@@ -87,7 +91,7 @@ def validate_config(config):
     if not 0 <= config[group][name] < 1:
       problems.append(f"{key}={config[group][name]!r}: expected 0 <= p < 1")
   if problems:
-    raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
+    raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
 
 
 # ----------------------------------------------------------------------------- the jitted steps

@@ -175,3 +175,14 @@ def test_eight_devices_match_one(tmp_path):
   assert "8 x cpu" in proc.stdout
   for key in ("train/loss", "val/loss", "val/accuracy"):
     np.testing.assert_allclose(runs["eight"][0][key], runs["one"][0][key], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.train.num_epoch=3", "unknown key 'num_epoch'. Did you mean \"num_epochs\""),
+    ("--config.input.protocol=halves", "ConfigError: Invalid config"),
+])
+def test_main_reports_config_errors_without_traceback(tmp_path, override, message):
+  proc = _run_main(tmp_path / "w", override)
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
