@@ -14,9 +14,7 @@ input keys, or $FER2013_ARCHIVE / $FER_DATA_DIR.
 """
 
 import json
-import os
 import pathlib
-import platform
 import subprocess
 import sys
 import tempfile
@@ -36,6 +34,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from configs import common
+from experiments import study
 from fer import input_pipeline
 from fer import optim
 from fer import train
@@ -93,13 +92,8 @@ def images_per_second(config, data, epochs) -> float:
 
 
 def machine() -> str:
-  try:
-    model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                 if l.startswith("model name"))
-  except (OSError, StopIteration):
-    model = platform.processor()
   dev = jax.devices()[0]
-  return f"{model}, {os.cpu_count()} cores, {len(jax.devices())} x {dev.device_kind} ({dev.platform})"
+  return f"{study.machine()}, {len(jax.devices())} x {dev.device_kind} ({dev.platform})"
 
 
 def main(argv):

@@ -42,6 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 
+from fer import train
 from fer.models import vgg16
 
 SPLITS = ("train", "val", "test")
@@ -140,11 +141,6 @@ def cache_key(config, splits, params=None) -> tuple[str, dict]:
   return key, fields
 
 
-def _fmt_time(seconds):
-  seconds = int(max(0, seconds))
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def compute_split(features_fn, params, images, out, batch_size: int, sharding, name: str):
   """Writes features_fn(params, batch) for every batch of `images` into `out` ([N, ...]).
 
@@ -171,7 +167,7 @@ def compute_split(features_fn, params, images, out, batch_size: int, sharding, n
     if now - last_print >= 10 or done == n:
       rate = done / max(now - t0, 1e-9)
       print(f"  features {name}: {done}/{n} images | {rate:,.0f} img/s | ETA "
-            f"{_fmt_time((n - done) / rate)}", flush=True)
+            f"{train.format_duration((n - done) / rate)}", flush=True)
       last_print = now
 
   for start in range(0, n, batch_size):

@@ -456,7 +456,7 @@ def _train_group_epochs(c0, model, tx, mesh, state, meta, data, ckpts, workdir, 
     accs = " ".join(f"{r[-1]['val/accuracy']:.3f}" for r in meta["history"])
     print(f"group {workdir.name} ({size} trials) epoch {epoch}/{num_epochs} | "
           f"{size * steps_per_epoch * batch_size / train_time:,.0f} trial-img/s | "
-          f"val acc {accs} | {train._fmt_time(time.perf_counter() - t0)}",  # pylint: disable=protected-access
+          f"val acc {accs} | {train.format_duration(time.perf_counter() - t0)}",
           flush=True)
 
 

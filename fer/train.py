@@ -321,7 +321,8 @@ def git_commit() -> str:
     return "unknown"
 
 
-def _fmt_time(seconds):
+def format_duration(seconds) -> str:
+  """H:MM:SS, for progress lines."""
   seconds = int(max(0, seconds))
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
@@ -425,7 +426,7 @@ def _train_and_evaluate(config, workdir, data=None):
         rate = (done - log["step"]) * batch_size / max(now - log["time"], 1e-9)
         eta = (steps_per_epoch - done) * batch_size / rate
         print(f"  epoch {epoch + 1}/{num_epochs} step {done}/{steps_per_epoch} | "
-              f"{rate:,.0f} img/s | loss {loss_so_far:.4f} | epoch ETA {_fmt_time(eta)}",
+              f"{rate:,.0f} img/s | loss {loss_so_far:.4f} | epoch ETA {format_duration(eta)}",
               flush=True)
         log.update(step=done, time=now)
 
@@ -468,7 +469,7 @@ def _train_and_evaluate(config, workdir, data=None):
       print(f"epoch {epoch}/{num_epochs} | {row['train/images_per_second']:,.0f} img/s | "
             f"train loss {train_loss:.4f} acc {train_acc:.4f} | val loss {val['val/loss']:.4f} "
             f"acc {val['val/accuracy']:.4f}{' *' if improved else ''} | "
-            f"{_fmt_time(row['epoch_seconds'])} per epoch, ETA {_fmt_time(remaining)}",
+            f"{format_duration(row['epoch_seconds'])} per epoch, ETA {format_duration(remaining)}",
             flush=True)
       if meta["stopped_early"]:
         print(f"Early stop: no better val accuracy for {patience} epochs.", flush=True)
