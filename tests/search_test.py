@@ -63,7 +63,7 @@ def test_grid_expansion_is_every_combination_and_holds_the_baseline():
   assert len(trials) == 12  # configs/cnn.py is one of the grid's trials, not a 13th
   baseline = [t for t in trials if t.baseline]
   assert len(baseline) == 1 and baseline[0].overrides == {
-      "model.batch_norm": False, "model.dense_features": (512, 256, 128),
+      "model.batch_norm": True, "model.dense_features": (512, 256, 128),
       "optim.learning_rate": 1e-3}
   # Four structures of three learning rates: four vmapped groups.
   assert sorted(np.unique([t.structure for t in trials], return_counts=True)[1]) == [3] * 4
