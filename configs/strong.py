@@ -1,0 +1,51 @@
+r"""A strong from-scratch network beyond the original study: a VGG-style CNN (Khaireddin & Chen
+2021 style: 4 stages of two 3x3 conv + batch norm layers with 64-512 filters, max pooling, a
+dense head), heavy augmentation, SGD with Nesterov momentum and a cosine schedule, and ten-crop
+test-time averaging. Trained on FER2013's Training split only; val (PublicTest) picks the best
+epoch; test (PrivateTest) is read once at the end.
+
+  python -m fer.main --config=configs/strong.py --workdir=runs/strong
+  python -m fer.main --config=configs/strong.py:runlocal --workdir=/tmp/strong   # seconds
+
+Ensemble of several finished runs (each with its own --config.seed):
+  python -m fer.inspect ensemble runs/strong_s0 runs/strong_s1 runs/strong_s2 --tta=tencrop
+
+Expected time and accuracy are in the README's results table, with the command and machine of
+each run (experiments/results/strong*/).
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  c = common.base()
+  c.model.conv_features = (64, 128, 256, 512)
+  c.model.convs_per_block = 2
+  c.model.batch_norm = True
+  c.model.dense_features = (1024, 1024)
+  c.model.dropout = 0.5
+  c.model.conv_dropout = 0.0
+
+  common.apply_study_augmentation(c)
+  c.augment.shift_fraction = 0.15
+  c.augment.zoom_fraction = 0.15
+  c.augment.erase_prob = 0.5
+
+  c.input.batch_size = 128
+  c.optim.name = "sgd"
+  c.optim.learning_rate = 0.02
+  c.optim.momentum = 0.9
+  c.optim.nesterov = True
+  c.optim.schedule = "cosine"
+  c.optim.warmup_epochs = 2.0
+  c.optim.weight_decay = 5e-4
+  c.optim.label_smoothing = 0.1
+
+  c.train.num_epochs = 100
+  c.train.early_stopping_epochs = 0  # the cosine schedule decides the end; best by val
+  c.eval.tta = "tencrop"
+  if arg == "runlocal":
+    common.apply_runlocal(c)
+    c.model.conv_features = (8, 16, 16, 32)
+    c.model.dense_features = (64, 64)
+  return c
