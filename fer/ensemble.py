@@ -1,0 +1,163 @@
+r"""Ensembles: average the class probabilities of several finished runs.
+
+  python -m fer.ensemble --workdirs=runs/strong_s0,runs/strong_s1,runs/strong_s2 \
+      --out=runs/strong_ensemble
+
+Each member contributes the probabilities of its best checkpoint (chosen on val by its own run)
+on val and test, as the run saved them at its end (`val_probs.npy`, `test_probs.npy`, made with
+the run's `eval.tta`). With `--tta=none|flip|tencrop`, or for a member without saved
+probabilities, the best checkpoint is restored and evaluated here instead. The members must be
+trained on the same splits (same data protocol); the ensemble is scored against that protocol's
+labels. Which runs to ensemble is a choice to make on val accuracy; test is only reported.
+
+Writes into --out: results.json (val/test accuracy, macro-F1, per-class accuracy and confusion
+matrix, as a training run does, plus each member's own accuracies), config.json (the first
+member's config and the member list), val_probs.npy, test_probs.npy and confusion_matrix.png.
+"""
+
+from fer import xla_flags
+
+xla_flags.configure_cpu_defaults()  # before jax starts its backend; a no-op off CPU
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import json
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from fer import metrics as metrics_lib
+from fer import runs
+from fer import train
+from fer.datasets.fer2013 import CLASSES
+
+SPLITS = ("val", "test")
+# Input keys that decide which images are in which split: members must agree on them.
+SPLIT_KEYS = ("source", "protocol", "val_fraction", "split_seed", "synthetic_train_size")
+
+
+class EnsembleError(ValueError):
+  """The members cannot be ensembled (missing runs, different splits); the message says why."""
+
+
+def _read_json(path: pathlib.Path) -> dict:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise EnsembleError(f"{path}: cannot read it ({e}); is the run finished?") from e
+
+
+def _check_same_splits(workdirs, configs):
+  first = configs[0]["input"]
+  for workdir, config in zip(workdirs[1:], configs[1:]):
+    for key in SPLIT_KEYS:
+      if config["input"].get(key) != first.get(key):
+        raise EnsembleError(
+            f"{workdir} was trained on other splits than {workdirs[0]}: input.{key} is "
+            f"{config['input'].get(key)!r}, not {first.get(key)!r}. Ensemble runs of one protocol.")
+
+
+def _member_probs(workdir: pathlib.Path, tta: str, data, mesh) -> tuple[dict, str]:
+  """{'val', 'test'} -> probabilities [N, 7] of the member's best checkpoint, and their TTA."""
+  saved = {s: workdir / f"{s}_probs.npy" for s in SPLITS}
+  results = _read_json(workdir / "results.json")
+  if not tta and all(p.is_file() for p in saved.values()):
+    return {s: np.load(p) for s, p in saved.items()}, results.get("tta", "none")
+  tta = tta or results.get("tta", "none")
+  run = runs.load(workdir)
+  predict = train.make_predict(run.model, tta)
+  batch = int(run.config.input.eval_batch_size)
+  return {s: train.predict_probs(predict, run.variables, data[s]["image"], batch, mesh)
+          for s in SPLITS}, tta
+
+
+def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
+  """Averages the members' probabilities; writes and returns the ensemble's results."""
+  from fer import input_pipeline  # pylint: disable=import-outside-toplevel
+  from fer import plots  # pylint: disable=import-outside-toplevel
+  workdirs = [pathlib.Path(w) for w in workdirs]
+  if len(workdirs) < 2:
+    raise EnsembleError(f"an ensemble needs at least two runs, got {len(workdirs)}")
+  if tta not in ("", "none", "flip", "tencrop"):
+    raise EnsembleError(f"--tta={tta!r}: expected none, flip or tencrop (or empty: the runs' own)")
+  configs = [_read_json(runs.find_config_file(w)) for w in workdirs]
+  member_results = [_read_json(w / "results.json") for w in workdirs]
+  _check_same_splits(workdirs, configs)
+  if data is None:
+    data = input_pipeline.load_splits(runs.load_config(workdirs[0]).input)
+  mesh = train.make_mesh()
+  probs = {s: [] for s in SPLITS}
+  members = []
+  for workdir, result in zip(workdirs, member_results):
+    member, member_tta = _member_probs(workdir, tta, data, mesh)
+    entry = {"workdir": str(workdir), "tta": member_tta}
+    for s in SPLITS:
+      if member[s].shape != (len(data[s]["label"]), len(CLASSES)):
+        raise EnsembleError(f"{workdir}: {s} probabilities have shape {member[s].shape}, expected "
+                            f"({len(data[s]['label'])}, {len(CLASSES)}): other data than the labels")
+      probs[s].append(member[s])
+      entry[f"{s}/accuracy"] = float((member[s].argmax(1) == data[s]["label"]).mean())
+    members.append(entry)
+    print(f"{workdir}: val/accuracy {entry['val/accuracy']:.4f}, test/accuracy "
+          f"{entry['test/accuracy']:.4f} ({member_tta} TTA)", flush=True)
+
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  split_metrics = {}
+  for s in SPLITS:
+    mean = np.mean(probs[s], axis=0).astype(np.float32)
+    np.save(out / f"{s}_probs.npy", mean)
+    split_metrics.update(metrics_lib.classification_metrics(mean, data[s]["label"], s))
+  results = {
+      "val/accuracy": split_metrics["val/accuracy"],
+      "test/accuracy": split_metrics["test/accuracy"],
+      "ensemble_size": len(workdirs),
+      "members": members,
+      "num_params": int(sum(r["num_params"] for r in member_results)),
+      "train_seconds": float(sum(r["train_seconds"] for r in member_results)),
+      "epochs_trained": max(r["epochs_trained"] for r in member_results),
+      "best_epoch": "/".join(str(r["best_epoch"]) for r in member_results),
+      "tta": "/".join(sorted({m["tta"] for m in members})),
+      "classes": list(CLASSES),
+      "device_kind": member_results[0].get("device_kind", "?"),
+      "device_count": member_results[0].get("device_count", 1),
+      "platform": member_results[0].get("platform", "?"),
+      "git_commit": train.git_commit(),
+      **split_metrics,
+  }
+  config = dict(configs[0], ensemble_members=[str(w) for w in workdirs])
+  train.write_json_atomic(out / "config.json", config)
+  train.write_json_atomic(out / "results.json", results)
+  plots.confusion_matrix(np.array(results["test/confusion_matrix"]), CLASSES,
+                         out / "confusion_matrix.png",
+                         title=f"ensemble of {len(workdirs)}: test accuracy "
+                               f"{results['test/accuracy']:.3f}")
+  print(f"Ensemble of {len(workdirs)}: val/accuracy {results['val/accuracy']:.4f}, test/accuracy "
+        f"{results['test/accuracy']:.4f}, test/macro_f1 {results['test/macro_f1']:.4f}. "
+        f"Results in {out}/results.json", flush=True)
+  return results
+
+
+_WORKDIRS = flags.DEFINE_list("workdirs", None, "Finished run workdirs to ensemble.")
+_OUT = flags.DEFINE_string("out", None, "Directory for the ensemble's results.")
+_TTA = flags.DEFINE_string("tta", "", "none | flip | tencrop: re-evaluate the best checkpoints "
+                           "with this TTA; empty: use the probabilities the runs saved.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    ensemble(_WORKDIRS.value, _OUT.value, _TTA.value)
+  except (ValueError, RuntimeError) as e:
+    # This module runs as __main__ here, so its own errors are named apart from fer.*'s.
+    if isinstance(e, EnsembleError) or type(e).__module__.startswith("fer."):
+      sys.exit(f"fer.ensemble: {type(e).__name__}: {e}")
+    raise
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdirs", "out"])
+  app.run(main)

@@ -1,0 +1,88 @@
+"""fer.ensemble: averaging saved or recomputed probabilities of finished runs."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from fer import ensemble
+from fer import input_pipeline
+
+import trained_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  return trained_run.tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def data():
+  return input_pipeline.load_splits(trained_run.tiny_config().input)
+
+
+def _member(run_dir, tmp_path, name, shift=0.0):
+  """A copy of the tiny run whose saved probabilities are moved towards class `shift`."""
+  member = tmp_path / name
+  shutil.copytree(run_dir, member)
+  for split in ("val", "test"):
+    probs = np.load(member / f"{split}_probs.npy")
+    if shift:
+      probs = (1 - shift) * probs + shift * np.eye(probs.shape[1], dtype=np.float32)[3]
+      np.save(member / f"{split}_probs.npy", probs)
+  return member
+
+
+def test_ensemble_averages_the_members_probabilities(run_dir, data, tmp_path):
+  a, b = _member(run_dir, tmp_path, "a"), _member(run_dir, tmp_path, "b", shift=0.9)
+  results = ensemble.ensemble([a, b], tmp_path / "ens", data=data)
+  for split in ("val", "test"):
+    expected = (np.load(a / f"{split}_probs.npy") + np.load(b / f"{split}_probs.npy")) / 2
+    got = np.load(tmp_path / "ens" / f"{split}_probs.npy")
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    accuracy = float((expected.argmax(1) == data[split]["label"]).mean())
+    assert results[f"{split}/accuracy"] == pytest.approx(accuracy)
+  # b votes for class 3 ("happy") almost everywhere: its own accuracy is the share of class 3.
+  assert results["members"][1]["test/accuracy"] == pytest.approx(
+      float((data["test"]["label"] == 3).mean()))
+  on_disk = json.loads((tmp_path / "ens" / "results.json").read_text())
+  assert on_disk["ensemble_size"] == 2 and on_disk["test/accuracy"] == results["test/accuracy"]
+  assert (tmp_path / "ens" / "confusion_matrix.png").stat().st_size > 0
+  config = json.loads((tmp_path / "ens" / "config.json").read_text())
+  assert config["ensemble_members"] == [str(a), str(b)]
+
+
+def test_recomputed_probabilities_match_the_saved_ones(run_dir, data, tmp_path):
+  """--tta restores each best checkpoint and predicts: the run's own TTA was none, so the
+  result must equal the probabilities the run saved at its end."""
+  a, b = _member(run_dir, tmp_path, "a"), _member(run_dir, tmp_path, "b")
+  ensemble.ensemble([a, b], tmp_path / "ens", tta="none", data=data)
+  np.testing.assert_allclose(np.load(tmp_path / "ens" / "test_probs.npy"),
+                             np.load(run_dir / "test_probs.npy"), atol=1e-5)
+
+
+def test_members_on_other_splits_are_refused(run_dir, data, tmp_path):
+  a, b = _member(run_dir, tmp_path, "a"), _member(run_dir, tmp_path, "b")
+  config = json.loads((b / "config.json").read_text())
+  config["input"]["protocol"] = "seed"
+  (b / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ensemble.EnsembleError, match=r"b was trained on other splits.*input.protocol"):
+    ensemble.ensemble([a, b], tmp_path / "ens", data=data)
+  assert not (tmp_path / "ens").exists()
+
+
+def test_one_member_is_not_an_ensemble(run_dir, tmp_path):
+  with pytest.raises(ensemble.EnsembleError, match="at least two runs"):
+    ensemble.ensemble([run_dir], tmp_path / "ens")
+
+
+def test_cli_names_an_unfinished_run(run_dir, tmp_path):
+  unfinished = tmp_path / "unfinished"
+  unfinished.mkdir()
+  shutil.copy(run_dir / "config.json", unfinished / "config.json")
+  proc = trained_run.run_module("fer.ensemble", f"--workdirs={run_dir},{unfinished}",
+                                f"--out={tmp_path}/ens")
+  assert proc.returncode == 1
+  assert f"{unfinished}/results.json: cannot read it" in proc.stderr
+  assert "Traceback" not in proc.stderr
