@@ -16,7 +16,10 @@ import json
 import os
 import pathlib
 import platform
+import re
 import shutil
+
+import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
@@ -24,7 +27,9 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 # The original Keras study's test accuracies (protocol `seed`), by config name.
 ORIGINAL = {"cnn": 0.527, "augment": 0.566, "vgg16_cached": 0.439, "vgg16_frozen": 0.393}
-SMALL_FILES = ("results.json", "config.json", "confusion_matrix.png", "learning_curves.png")
+# val/test probabilities (100 KB each) let `python -m fer.ensemble` rebuild ensembles from here.
+SMALL_FILES = ("results.json", "config.json", "confusion_matrix.png", "learning_curves.png",
+               "val_probs.npy", "test_probs.npy")
 
 
 def machine() -> str:
@@ -68,6 +73,33 @@ def _row(name, d):
           f"`{info['command']}` |")
 
 
+def _seed_rows(dirs):
+  """One summary row per group of runs named <base>_s<seed> (2 or more): mean and spread."""
+  groups = {}
+  for d in dirs:
+    match = re.fullmatch(r"(.+)_s\d+", d.name)
+    if match:
+      groups.setdefault(match.group(1), []).append(d)
+  rows = []
+  for base, members in sorted(groups.items()):
+    if len(members) < 2:
+      continue
+    rs = [json.loads((d / "results.json").read_text()) for d in members]
+    protocol = json.loads((members[0] / "config.json").read_text())["input"]["protocol"]
+    val, test = (np.array([r[k] for r in rs]) for k in ("val/accuracy", "test/accuracy"))
+    original = next((v for k, v in sorted(ORIGINAL.items(), key=lambda kv: -len(kv[0]))
+                     if base.startswith(k)), None) if protocol == "seed" else None
+    info = json.loads((members[0] / "run.json").read_text())
+    rows.append(
+        f"| {base} (mean ± std of {len(rs)} seeds) | {protocol} | {val.mean():.1%} ± "
+        f"{val.std(ddof=1):.1%} | **{test.mean():.1%} ± {test.std(ddof=1):.1%}** | "
+        f"{'' if original is None else f'{original:.1%}'} | "
+        f"{np.mean([r['test/macro_f1'] for r in rs]):.3f} | {rs[0]['num_params']:,} | | "
+        f"{np.mean([r['train_seconds'] for r in rs]) / 60:.0f} min each | "
+        f"{info['machine']}; {info['devices']} | runs {', '.join(d.name for d in members)} |")
+  return rows
+
+
 def table():
   dirs = sorted(d for d in RESULTS.iterdir() if (d / "results.json").is_file()
                 and (d / "run.json").is_file())
@@ -75,6 +107,7 @@ def table():
            "parameters | epochs (best) | train time | machine | command |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
   lines += [_row(d.name, d) for d in dirs]
+  lines += _seed_rows(dirs)
   text = "\n".join(lines) + "\n"
   (RESULTS / "results_table.md").write_text(text)
   readme = REPO / "README.md"
