@@ -8,7 +8,7 @@ epoch; test (PrivateTest) is read once at the end.
   python -m fer.main --config=configs/strong.py:runlocal --workdir=/tmp/strong   # seconds
 
 Ensemble of several finished runs (each with its own --config.seed):
-  python -m fer.inspect ensemble runs/strong_s0 runs/strong_s1 runs/strong_s2 --tta=tencrop
+  python -m fer.ensemble --workdirs=runs/strong_s0,runs/strong_s1,runs/strong_s2 --out=runs/strong_ens
 
 Expected time and accuracy are in the README's results table, with the command and machine of
 each run (experiments/results/strong*/).

@@ -41,11 +41,11 @@ def machine() -> str:
   return f"{model}, {os.cpu_count()} cores"
 
 
-def collect(run_dir, name, command, machine_desc=None):
+def collect(run_dir, name, command, machine_desc=None, results_root=RESULTS):
   run_dir = pathlib.Path(run_dir)
   if not (run_dir / "results.json").is_file():
     raise SystemExit(f"{run_dir}/results.json not found: the run has not finished")
-  out = RESULTS / name
+  out = pathlib.Path(results_root) / name
   out.mkdir(parents=True, exist_ok=True)
   for f in SMALL_FILES:
     if (run_dir / f).is_file():
