@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fer import fileio
+
 BEST_METRIC = "val/accuracy"
 _RECORD = "saved.json"  # in checkpoints/: {"last": newest step saved, "best": ...}
 
@@ -149,16 +151,6 @@ def _read_record(root):
     return {}
 
 
-def _write_record(root, record):
-  path = pathlib.Path(root) / _RECORD
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(record, f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _causes(e):
   """`e` and the exceptions it was raised from, outermost first."""
   chain = [e]
@@ -210,7 +202,7 @@ class Checkpoints:
     else:
       record[name] = step
     try:
-      _write_record(self.root, record)
+      fileio.write_json_atomic(pathlib.Path(self.root) / _RECORD, record, indent=None)
     except OSError as e:  # the checkpoint itself is saved; only deletions go unnoticed
       logging.warning("Cannot update %s: %s", self.root / _RECORD, e)
 

@@ -17,13 +17,12 @@ went through a resize round trip) differs in a few grey levels and is not found.
 
 import hashlib
 import itertools
-import json
-import os
 import pathlib
 import time
 
 import numpy as np
 
+from fer import fileio
 from fer import input_pipeline
 from fer import plots
 from fer.datasets.fer2013 import CLASSES
@@ -149,12 +148,6 @@ def _markdown(report: dict) -> str:
   return "\n".join(lines)
 
 
-def _write_json(path: pathlib.Path, obj):
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1) + "\n")
-  os.replace(tmp, path)
-
-
 def run(config, workdir) -> dict:
   """Writes the report (figures, data_report.json/.md, duplicates.json) into `workdir`."""
   start = time.perf_counter()
@@ -185,8 +178,8 @@ def run(config, workdir) -> dict:
                              title=f"{s} class distribution")
   plots.class_distributions(counts, workdir / "class_distribution.png",
                             title=f"class distribution ({report['protocol']} protocol)")
-  _write_json(workdir / "data_report.json", report)
-  _write_json(workdir / "duplicates.json", duplicates["groups"])
+  fileio.write_json_atomic(workdir / "data_report.json", report)
+  fileio.write_json_atomic(workdir / "duplicates.json", duplicates["groups"])
   (workdir / "data_report.md").write_text(_markdown({**report, "duplicates": duplicates}))
   print(f"data report: {totals} images, {duplicates['summary']['duplicate_groups']} duplicate "
         f"groups, {duplicates['summary']['label_conflict_groups']} with conflicting labels; "

@@ -28,6 +28,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from fer import fileio
 from fer import metrics as metrics_lib
 from fer import runs
 from fer import train
@@ -128,8 +129,8 @@ def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
       **split_metrics,
   }
   config = dict(configs[0], ensemble_members=[str(w) for w in workdirs])
-  train.write_json_atomic(out / "config.json", config)
-  train.write_json_atomic(out / "results.json", results)
+  fileio.write_json_atomic(out / "config.json", config)
+  fileio.write_json_atomic(out / "results.json", results)
   plots.confusion_matrix(np.array(results["test/confusion_matrix"]), CLASSES,
                          out / "confusion_matrix.png",
                          title=f"ensemble of {len(workdirs)}: test accuracy "

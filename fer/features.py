@@ -42,6 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 
+from fer import fileio
 from fer import train
 from fer.models import vgg16
 
@@ -271,7 +272,7 @@ def load_or_compute(config, workdir) -> dict:
       del out
       manifest["shapes"][name] = list(shape)
     manifest["seconds"] = time.perf_counter() - t0
-    train.write_json_atomic(tmp / "manifest.json", manifest)
+    fileio.write_json_atomic(tmp / "manifest.json", manifest)
     try:
       os.rename(tmp, directory)
     except OSError:

@@ -40,6 +40,7 @@ from absl import logging
 import numpy as np
 
 from fer import faces as faces_lib
+from fer import fileio
 from fer import runs
 from fer.datasets.fer2013 import CLASSES
 
@@ -263,14 +264,6 @@ def to_table(results: Results) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write_text_atomic(path, text: str):
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 def annotate(results: Results, out_dir, files: Sequence[str] | None = None) -> list[pathlib.Path]:
   """A copy of each image (those in `files`, default: those with faces) with boxes and labels
   drawn, into `out_dir`. Never overwrites an input; names that collide get a suffix."""
@@ -342,7 +335,7 @@ def main(argv):
   results = predict_files(run, paths, detector, FLAGS.margin, FLAGS.tta, FLAGS.batch_size)
   text = {"json": to_json, "csv": to_csv, "table": to_table}[fmt](results)
   if FLAGS.output:
-    write_text_atomic(FLAGS.output, text)
+    fileio.write_text_atomic(FLAGS.output, text)
     print(f"Wrote {FLAGS.output}", file=sys.stderr)
     sys.stdout.write(to_table(results))
   else:

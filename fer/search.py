@@ -47,6 +47,7 @@ import optax
 
 from configs import search_space
 from fer import checkpointing
+from fer import fileio
 from fer import metrics as metrics_lib
 from fer import optim
 from fer import train
@@ -344,7 +345,7 @@ def train_group(configs, workdir, data, sources=None, names=None) -> list[dict]:
 
 
   with checkpointing.WorkdirLock(workdir):
-    train.write_json_atomic(workdir / "group.json", {"members": names})
+    fileio.write_json_atomic(workdir / "group.json", {"members": names})
     ckpts = checkpointing.Checkpoints(workdir, max_to_keep=1)
     try:
       restored = checkpointing.Checkpoints.restore(ckpts.last,
@@ -692,10 +693,10 @@ def _run_group(members, rung, epochs, prev_epochs, records, data, workdir):
 def _write_member(trial_dir, trial, epochs, res, group_dir):
   trial_dir.mkdir(parents=True, exist_ok=True)
   config = _with_epochs(trial.config, epochs)
-  train.write_json_atomic(trial_dir / "config.json", json.loads(config.to_json_best_effort()))
-  train.write_json_atomic(trial_dir / "metrics.jsonl", _json_safe(res["history"]), jsonl=True)
+  fileio.write_json_atomic(trial_dir / "config.json", json.loads(config.to_json_best_effort()))
+  fileio.write_json_atomic(trial_dir / "metrics.jsonl", _json_safe(res["history"]), jsonl=True)
   summary = {k: v for k, v in res.items() if k != "history"}
-  train.write_json_atomic(trial_dir / "results.json",
+  fileio.write_json_atomic(trial_dir / "results.json",
                           _json_safe({**summary, "group": str(group_dir)}))
 
 
@@ -766,7 +767,7 @@ def write_outputs(config, trials, records, rungs, workdir, seconds) -> dict:
       "baseline": baseline and {k: baseline.get(k) for k in (
           "name", "epochs", "status", "val/accuracy", "val/loss", "num_params", "flops")},
   }
-  train.write_json_atomic(workdir / "summary.json", _json_safe(summary))
+  fileio.write_json_atomic(workdir / "summary.json", _json_safe(summary))
   (workdir / "report.md").write_text(report_markdown(summary, rows, s.top_k, config))
   if ok:
     plots.search_scatter(ok, workdir / "search.png",

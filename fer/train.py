@@ -7,7 +7,6 @@ over the `data` axis, parameters and the uint8 data set are replicated, the stat
 
 import json
 import math
-import os
 import pathlib
 import subprocess
 import time
@@ -24,6 +23,7 @@ import optax
 
 from fer import augment
 from fer import checkpointing
+from fer import fileio
 from fer import metrics as metrics_lib
 from fer import optim
 from fer.datasets.fer2013 import CLASSES, NUM_CLASSES
@@ -286,7 +286,7 @@ class _Writer:
       logging.warning("tensorboardX is not installed: no TensorBoard events")
 
   def write(self, history, new_row):
-    write_json_atomic(self.workdir / "metrics.jsonl", history, jsonl=True)
+    fileio.write_json_atomic(self.workdir / "metrics.jsonl", history, jsonl=True)
     if self._tb is not None:
       for k, v in new_row.items():
         if isinstance(v, (int, float)) and k not in ("epoch", "step"):
@@ -296,21 +296,6 @@ class _Writer:
   def close(self):
     if self._tb is not None:
       self._tb.close()
-
-
-def write_json_atomic(path, obj, jsonl=False):
-  path = pathlib.Path(path)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w") as f:
-    if jsonl:
-      for row in obj:
-        f.write(json.dumps(row) + "\n")
-    else:
-      json.dump(obj, f, indent=2)
-      f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def git_commit() -> str:
@@ -361,7 +346,7 @@ def _train_and_evaluate(config, workdir, data=None):
     print(f"{workdir} is complete: val/accuracy {results['val/accuracy']:.4f}, test/accuracy "
           f"{results['test/accuracy']:.4f}. Delete {results_path} to evaluate again.", flush=True)
     return results
-  write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
+  fileio.write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
 
   data = load_data(config, workdir) if data is None else data
   train_x, train_y = data["train"]["image"], data["train"]["label"]
@@ -390,7 +375,7 @@ def _train_and_evaluate(config, workdir, data=None):
   if restored is not None:
     _, state, meta = restored
     print(f"Resuming {workdir} after epoch {meta['epoch']} (step {int(state.step)}).", flush=True)
-    write_json_atomic(workdir / "metrics.jsonl", meta["history"], jsonl=True)  # may lag a kill
+    fileio.write_json_atomic(workdir / "metrics.jsonl", meta["history"], jsonl=True)  # may lag a kill
   elif config.init_from or config.pretrained.weights != "none":
     state = _initialise_from(config, state, shardings)
 
@@ -554,7 +539,7 @@ def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, mode
                          workdir / "confusion_matrix.png",
                          title=f"test accuracy {results['test/accuracy']:.3f}")
   plots.learning_curves(meta["history"], workdir / "learning_curves.png")
-  write_json_atomic(workdir / "results.json", results)
+  fileio.write_json_atomic(workdir / "results.json", results)
   print(f"Best epoch {best_epoch}: val/accuracy {results['val/accuracy']:.4f}, test/accuracy "
         f"{results['test/accuracy']:.4f}, test/macro_f1 {results['test/macro_f1']:.4f} "
         f"({config.eval.tta} TTA). Results in {workdir}/results.json", flush=True)
