@@ -25,24 +25,18 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from experiments import study  # pylint: disable=wrong-import-position
 from fer import input_pipeline  # pylint: disable=wrong-import-position
 from fer.datasets import fer2013  # pylint: disable=wrong-import-position
 
 
 def machine() -> dict:
-  model = ""
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    model = next((line.split(":", 1)[1].strip() for line in out.splitlines()
-                  if line.startswith("Model name")), "")
-  except OSError:
-    pass
   import jax  # pylint: disable=import-outside-toplevel
   import numpy  # pylint: disable=import-outside-toplevel
   import PIL  # pylint: disable=import-outside-toplevel
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   return {
-      "cpu_model": model or platform.processor(),
+      "cpu_model": study.cpu_model(),
       "cpu_cores": len(os.sched_getaffinity(0)),
       "python": platform.python_version(),
       "tensorflow_datasets": tfds.__version__,

@@ -41,12 +41,8 @@ VARIANTS = {
 
 
 def machine() -> str:
-  name = "unknown"
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-  except Exception:  # pylint: disable=broad-except
-    pass
+  from experiments import study  # pylint: disable=import-outside-toplevel
+  name = study.cpu_model()
   return f"{name}, nproc={os.cpu_count()}, {platform.machine()}"
 
 

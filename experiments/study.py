@@ -32,13 +32,17 @@ SMALL_FILES = ("results.json", "config.json", "confusion_matrix.png", "learning_
                "val_probs.npy", "test_probs.npy")
 
 
-def machine() -> str:
+def cpu_model() -> str:
+  """The CPU's model name (from /proc/cpuinfo on Linux), else what `platform` knows."""
   try:
-    model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                 if l.startswith("model name"))
+    with open("/proc/cpuinfo") as f:
+      return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
   except (OSError, StopIteration):
-    model = platform.processor() or platform.machine()
-  return f"{model}, {os.cpu_count()} cores"
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+  return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def collect(run_dir, name, command, machine_desc=None, results_root=RESULTS):
