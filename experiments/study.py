@@ -18,6 +18,7 @@ import pathlib
 import platform
 import re
 import shutil
+import sys
 
 import numpy as np
 
@@ -104,6 +105,24 @@ def _seed_rows(dirs):
   return rows
 
 
+def _per_class_figure(dirs):
+  """experiments/results/per_class_accuracy.png: each run's test accuracy per class (seed
+  groups averaged over their seeds)."""
+  sys.path.insert(0, str(REPO))
+  from fer import plots  # pylint: disable=import-outside-toplevel
+  per_run = {}
+  for d in dirs:
+    r = json.loads((d / "results.json").read_text())
+    match = re.fullmatch(r"(.+)_s\d+", d.name)
+    per_run.setdefault(f"{match.group(1)} (seed mean)" if match else d.name, []).append(
+        r["test/per_class_accuracy"])
+    classes = r["classes"]
+  if per_run:
+    plots.per_class_accuracy(
+        {name: np.mean(np.array(v, dtype=np.float64), axis=0).tolist()
+         for name, v in per_run.items()}, classes, RESULTS / "per_class_accuracy.png")
+
+
 def table():
   dirs = sorted(d for d in RESULTS.iterdir() if (d / "results.json").is_file()
                 and (d / "run.json").is_file())
@@ -114,6 +133,7 @@ def table():
   lines += _seed_rows(dirs)
   text = "\n".join(lines) + "\n"
   (RESULTS / "results_table.md").write_text(text)
+  _per_class_figure(dirs)
   readme = REPO / "README.md"
   body = readme.read_text()
   if START in body and END in body:

@@ -130,3 +130,22 @@ def search_scatter(rows, path, title=""):
   axes[1].legend(frameon=False, fontsize=8)
   fig.suptitle(title or "architecture search")
   return _save(fig, path)
+
+
+def per_class_accuracy(per_run: Mapping[str, Sequence[float]], class_names, path, title=""):
+  """Grouped bars: one group per class, one bar per run (its accuracy on that class)."""
+  runs = list(per_run)
+  fig = Figure(figsize=(max(9, 1.6 * len(class_names)), 4.5))
+  ax = fig.subplots()
+  width = 0.8 / max(len(runs), 1)
+  for i, run in enumerate(runs):
+    xs = [c + (i - (len(runs) - 1) / 2) * width for c in range(len(class_names))]
+    ax.bar(xs, [np.nan if v is None else v for v in per_run[run]], width, label=run)
+  ax.set_xticks(range(len(class_names)), class_names)
+  ax.set_ylim(0, 1)
+  ax.set_ylabel("test accuracy of the class (recall)")
+  ax.set_title(title or "per-class test accuracy")
+  ax.grid(axis="y", alpha=0.3)
+  ax.legend(frameon=False, fontsize=7, ncol=2)
+  ax.spines[["top", "right"]].set_visible(False)
+  return _save(fig, path)
