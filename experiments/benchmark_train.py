@@ -9,6 +9,10 @@ r"""CPU/GPU training throughput over whole epochs on the real FER2013 training s
       pooling, one step per dispatch) and the project's default fast path, each without and with
       augmentation, and, where a Python with TensorFlow is given, the same network in Keras.
 
+  python experiments/benchmark_train.py --config=configs/augment.py --batch_sizes=64,256 \
+      --max_images=8192 --out=experiments/results/benchmark_configs.md
+      one timing per batch size; --out appends a row each (config, batch, images/s, command).
+
 Any config key can be overridden as usual (--config.input.batch_size=256). Data: the config's
 input keys, or $FER2013_ARCHIVE / $FER_DATA_DIR.
 """
@@ -35,6 +39,7 @@ import numpy as np
 
 from configs import common
 from experiments import study
+from fer import augment as augment_lib
 from fer import input_pipeline
 from fer import optim
 from fer import train
@@ -45,6 +50,8 @@ _EPOCHS = flags.DEFINE_integer("epochs", 1, "Whole epochs to time (after compila
 _COMPARE = flags.DEFINE_bool("compare", False, "Run the before/after (and Keras) comparison.")
 _KERAS = flags.DEFINE_string("keras_python", "", "A python with TensorFlow+Keras, for --compare.")
 _OUT = flags.DEFINE_string("out", "", "Write the comparison table (markdown) here.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", [], "Without --compare: time each of these batch "
+                                 "sizes (default: the config's); --out appends a row for each.")
 _MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "Use only the first N training images "
                                    "(an 'epoch' is then N images); 0 = all 28,709.")
 
@@ -105,7 +112,22 @@ def main(argv):
   print(f"{len(data['image'])} training images; {machine()}", flush=True)
   command = "python " + " ".join(sys.argv)
   if not _COMPARE.value:
-    rate = images_per_second(config, data, _EPOCHS.value)
+    batch_sizes = [int(b) for b in _BATCH_SIZES.value] or [config.input.batch_size]
+    rows = []
+    for batch in batch_sizes:
+      c = _with(config, {"input.batch_size": batch})
+      rate = images_per_second(c, data, _EPOCHS.value)
+      rows.append(f"| `{config_flags.get_config_filename(flags.FLAGS['config'])}` | {batch} | "
+                  f"{'on' if augment_lib.is_enabled(c.augment) else 'off'} | {rate:,.0f} | `{command}` |")
+      print(f"batch {batch}: train images/s: {rate:.0f}", flush=True)
+    if _OUT.value:
+      out = pathlib.Path(_OUT.value)
+      head = "" if out.exists() else (
+          f"Machine: {machine()}. Whole epochs of the first {len(data['image'])} training "
+          f"images, {_EPOCHS.value} timed epoch(s) after one untimed (compiling) epoch.\n\n"
+          "| config | batch | augmentation | train images/s | command |\n|---|---:|---|---:|---|\n")
+      with open(out, "a") as f:
+        f.write(head + "".join(r + "\n" for r in rows))
     print(f"train images/s: {rate:.0f}")
     return
   rows = []
