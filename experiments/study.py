@@ -62,15 +62,20 @@ def collect(run_dir, name, command, machine_desc=None, results_root=RESULTS):
   print(f"collected {run_dir} -> {out}")
 
 
+def _original(name: str, protocol: str) -> float | None:
+  """The original study's number for a run named after one of its configs, protocol seed."""
+  if protocol != "seed":
+    return None
+  return next((v for k, v in sorted(ORIGINAL.items(), key=lambda kv: -len(kv[0]))
+               if name.startswith(k)), None)
+
+
 def _row(name, d):
   r = json.loads((d / "results.json").read_text())
   c = json.loads((d / "config.json").read_text())
   info = json.loads((d / "run.json").read_text())
-  base = c.get("model", {}).get("name", "")
-  config_name = next((k for k in sorted(ORIGINAL, key=len, reverse=True)
-                      if name.startswith(k)), base)
   protocol = c["input"]["protocol"]
-  original = ORIGINAL.get(config_name) if protocol == "seed" else None
+  original = _original(name, protocol)
   return (f"| {name} | {protocol} | {r['val/accuracy']:.1%} | **{r['test/accuracy']:.1%}** | "
           f"{'' if original is None else f'{original:.1%}'} | {r['test/macro_f1']:.3f} | "
           f"{r['num_params']:,} | {r['epochs_trained']} ({r['best_epoch']}) | "
@@ -92,8 +97,7 @@ def _seed_rows(dirs):
     rs = [json.loads((d / "results.json").read_text()) for d in members]
     protocol = json.loads((members[0] / "config.json").read_text())["input"]["protocol"]
     val, test = (np.array([r[k] for r in rs]) for k in ("val/accuracy", "test/accuracy"))
-    original = next((v for k, v in sorted(ORIGINAL.items(), key=lambda kv: -len(kv[0]))
-                     if base.startswith(k)), None) if protocol == "seed" else None
+    original = _original(base, protocol)
     info = json.loads((members[0] / "run.json").read_text())
     rows.append(
         f"| {base} (mean ± std of {len(rs)} seeds) | {protocol} | {val.mean():.1%} ± "
@@ -105,7 +109,7 @@ def _seed_rows(dirs):
   return rows
 
 
-def _per_class_figure(dirs):
+def _per_class_figure(dirs, results_root):
   """experiments/results/per_class_accuracy.png: each run's test accuracy per class (seed
   groups averaged over their seeds)."""
   sys.path.insert(0, str(REPO))
@@ -120,11 +124,14 @@ def _per_class_figure(dirs):
   if per_run:
     plots.per_class_accuracy(
         {name: np.mean(np.array(v, dtype=np.float64), axis=0).tolist()
-         for name, v in per_run.items()}, classes, RESULTS / "per_class_accuracy.png")
+         for name, v in per_run.items()}, classes, results_root / "per_class_accuracy.png")
 
 
-def table():
-  dirs = sorted(d for d in RESULTS.iterdir() if (d / "results.json").is_file()
+def table(results_root=RESULTS, readme=REPO / "README.md"):
+  """Rewrites results_table.md, per_class_accuracy.png and the README's table from the runs
+  collected in `results_root`; with no new runs nothing changes."""
+  results_root, readme = pathlib.Path(results_root), pathlib.Path(readme)
+  dirs = sorted(d for d in results_root.iterdir() if (d / "results.json").is_file()
                 and (d / "run.json").is_file())
   lines = ["| run | protocol | val acc | test acc | original study (test) | test macro-F1 | "
            "parameters | epochs (best) | train time | machine | command |",
@@ -132,9 +139,8 @@ def table():
   lines += [_row(d.name, d) for d in dirs]
   lines += _seed_rows(dirs)
   text = "\n".join(lines) + "\n"
-  (RESULTS / "results_table.md").write_text(text)
-  _per_class_figure(dirs)
-  readme = REPO / "README.md"
+  (results_root / "results_table.md").write_text(text)
+  _per_class_figure(dirs, results_root)
   body = readme.read_text()
   if START in body and END in body:
     new = body[:body.index(START) + len(START)] + "\n" + text + body[body.index(END):]

@@ -1,0 +1,61 @@
+"""experiments/study.py: collecting runs and rebuilding the results table from their files."""
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from experiments import study  # pylint: disable=wrong-import-position
+
+
+def _fake_run(path, test_accuracy, protocol="seed"):
+  path.mkdir(parents=True)
+  per_class = [test_accuracy] * 7
+  (path / "results.json").write_text(json.dumps({
+      "val/accuracy": test_accuracy - 0.01, "test/accuracy": test_accuracy,
+      "test/macro_f1": 0.5, "num_params": 1234, "epochs_trained": 3, "best_epoch": 2,
+      "train_seconds": 120.0, "device_count": 1, "device_kind": "cpu",
+      "test/per_class_accuracy": per_class, "classes": list("abcdefg")}))
+  (path / "config.json").write_text(json.dumps({"input": {"protocol": protocol},
+                                                "model": {"name": "cnn"}}))
+  return path
+
+
+def test_table_has_a_row_per_run_and_a_mean_row_per_seed_group(tmp_path):
+  runs = tmp_path / "runs"
+  results = tmp_path / "results"
+  for seed, acc in enumerate((0.50, 0.54)):
+    study.collect(_fake_run(runs / f"cnn_seed_s{seed}", acc), f"cnn_seed_s{seed}",
+                  f"python -m fer.main --config.seed={seed}", "test machine", results)
+  study.collect(_fake_run(runs / "strong", 0.7, "standard"), "strong", "cmd", "m", results)
+  readme = tmp_path / "README.md"
+  readme.write_text(f"intro\n{study.START}\nold table\n{study.END}\nafter\n")
+  study.table(results, readme)
+  text = (results / "results_table.md").read_text()
+  rows = [l for l in text.splitlines() if l.startswith("| cnn_seed") or l.startswith("| strong")]
+  assert len(rows) == 4
+  mean_row = next(l for l in rows if "mean ± std of 2 seeds" in l)
+  assert f"**52.0% ± {np.std([0.5, 0.54], ddof=1):.1%}**" in mean_row
+  assert "| 52.7% |" in mean_row  # the original study's cnn, protocol seed
+  assert "| 52.7% |" not in next(l for l in rows if l.startswith("| strong"))  # standard
+  body = readme.read_text()
+  assert "old table" not in body and body.startswith("intro\n") and body.endswith("after\n")
+  assert (results / "per_class_accuracy.png").stat().st_size > 0
+  before = {p.name: p.read_bytes() for p in [readme, *results.glob("*.*")]}
+  study.table(results, readme)  # nothing new: nothing changes
+  assert before == {p.name: p.read_bytes() for p in [readme, *results.glob("*.*")]}
+
+
+def test_collect_refuses_an_unfinished_run(tmp_path):
+  (tmp_path / "run").mkdir()
+  try:
+    study.collect(tmp_path / "run", "x", "cmd", "m", tmp_path / "results")
+  except SystemExit as e:
+    assert "results.json not found" in str(e)
+  else:
+    raise AssertionError("collect accepted a run without results.json")
+  assert not (tmp_path / "results").exists()
