@@ -62,12 +62,20 @@ def collect(run_dir, name, command, machine_desc=None, results_root=RESULTS):
   print(f"collected {run_dir} -> {out}")
 
 
-def _original(name: str, protocol: str) -> float | None:
-  """The original study's number for a run named after one of its configs, protocol seed."""
+def _original(name: str, protocol: str, model_name: str = "") -> float | None:
+  """The original study's number (protocol seed only) for a run named after one of its configs,
+  else for its model's name."""
   if protocol != "seed":
     return None
-  return next((v for k, v in sorted(ORIGINAL.items(), key=lambda kv: -len(kv[0]))
-               if name.startswith(k)), None)
+  key = next((k for k in sorted(ORIGINAL, key=len, reverse=True) if name.startswith(k)),
+             model_name)
+  return ORIGINAL.get(key)
+
+
+def _seed_group(name: str) -> str | None:
+  """'strong' for a run named 'strong_s2' (one seed of a group); None for other names."""
+  match = re.fullmatch(r"(.+)_s\d+", name)
+  return match.group(1) if match else None
 
 
 def _row(name, d):
@@ -75,7 +83,7 @@ def _row(name, d):
   c = json.loads((d / "config.json").read_text())
   info = json.loads((d / "run.json").read_text())
   protocol = c["input"]["protocol"]
-  original = _original(name, protocol)
+  original = _original(name, protocol, c.get("model", {}).get("name", ""))
   return (f"| {name} | {protocol} | {r['val/accuracy']:.1%} | **{r['test/accuracy']:.1%}** | "
           f"{'' if original is None else f'{original:.1%}'} | {r['test/macro_f1']:.3f} | "
           f"{r['num_params']:,} | {r['epochs_trained']} ({r['best_epoch']}) | "
@@ -87,17 +95,17 @@ def _seed_rows(dirs):
   """One summary row per group of runs named <base>_s<seed> (2 or more): mean and spread."""
   groups = {}
   for d in dirs:
-    match = re.fullmatch(r"(.+)_s\d+", d.name)
-    if match:
-      groups.setdefault(match.group(1), []).append(d)
+    if _seed_group(d.name):
+      groups.setdefault(_seed_group(d.name), []).append(d)
   rows = []
   for base, members in sorted(groups.items()):
     if len(members) < 2:
       continue
     rs = [json.loads((d / "results.json").read_text()) for d in members]
-    protocol = json.loads((members[0] / "config.json").read_text())["input"]["protocol"]
+    config = json.loads((members[0] / "config.json").read_text())
+    protocol = config["input"]["protocol"]
     val, test = (np.array([r[k] for r in rs]) for k in ("val/accuracy", "test/accuracy"))
-    original = _original(base, protocol)
+    original = _original(base, protocol, config.get("model", {}).get("name", ""))
     info = json.loads((members[0] / "run.json").read_text())
     rows.append(
         f"| {base} (mean ± std of {len(rs)} seeds) | {protocol} | {val.mean():.1%} ± "
@@ -117,8 +125,8 @@ def _per_class_figure(dirs, results_root):
   per_run = {}
   for d in dirs:
     r = json.loads((d / "results.json").read_text())
-    match = re.fullmatch(r"(.+)_s\d+", d.name)
-    per_run.setdefault(f"{match.group(1)} (seed mean)" if match else d.name, []).append(
+    group = _seed_group(d.name)
+    per_run.setdefault(f"{group} (seed mean)" if group else d.name, []).append(
         r["test/per_class_accuracy"])
     classes = r["classes"]
   if per_run:

@@ -202,7 +202,7 @@ class Checkpoints:
     else:
       record[name] = step
     try:
-      fileio.write_json_atomic(pathlib.Path(self.root) / _RECORD, record, indent=None)
+      fileio.write_json_atomic(self.root / _RECORD, record, indent=None)
     except OSError as e:  # the checkpoint itself is saved; only deletions go unnoticed
       logging.warning("Cannot update %s: %s", self.root / _RECORD, e)
 

@@ -60,10 +60,10 @@ def _check_same_splits(workdirs, configs):
             f"{config['input'].get(key)!r}, not {first.get(key)!r}. Ensemble runs of one protocol.")
 
 
-def _member_probs(workdir: pathlib.Path, tta: str, data, mesh) -> tuple[dict, str]:
-  """{'val', 'test'} -> probabilities [N, 7] of the member's best checkpoint, and their TTA."""
+def _member_probs(workdir: pathlib.Path, results: dict, tta: str, data, mesh) -> tuple[dict, str]:
+  """{'val', 'test'} -> probabilities [N, 7] of the member's best checkpoint, and their TTA.
+  `results` is the member's results.json."""
   saved = {s: workdir / f"{s}_probs.npy" for s in SPLITS}
-  results = _read_json(workdir / "results.json")
   if not tta and all(p.is_file() for p in saved.values()):
     return {s: np.load(p) for s, p in saved.items()}, results.get("tta", "none")
   tta = tta or results.get("tta", "none")
@@ -92,7 +92,7 @@ def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
   probs = {s: [] for s in SPLITS}
   members = []
   for workdir, result in zip(workdirs, member_results):
-    member, member_tta = _member_probs(workdir, tta, data, mesh)
+    member, member_tta = _member_probs(workdir, result, tta, data, mesh)
     entry = {"workdir": str(workdir), "tta": member_tta}
     for s in SPLITS:
       if member[s].shape != (len(data[s]["label"]), len(CLASSES)):
