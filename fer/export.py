@@ -73,6 +73,10 @@ def flatten_variables(variables: dict) -> dict[str, np.ndarray]:
 def export_predict(model, variables: dict, tta: str, platforms=("cpu", "cuda")):
   """jax.export.Exported of predict(flat variables, faces uint8 [b, 48, 48, 1]) -> [b, 7]."""
   from fer import train  # pylint: disable=import-outside-toplevel
+  if getattr(model, "conv_impl", "xla") != "xla":
+    # Exact fp32 convolutions for every platform (gemm_bf16 is a CPU training speed-up, and its
+    # bitcasts don't take the symbolic batch size).
+    model = model.clone(conv_impl="xla")
   predict = train.make_predict(model, tta)
 
   def predict_flat(flat_variables, faces):

@@ -382,7 +382,9 @@ def _train_and_evaluate(config, workdir, data=None):
   devices = jax.devices()
   print(f"{num_params:,} parameters; {num_train} train / {len(data['val']['image'])} val / "
         f"{len(data['test']['image'])} test images; {len(devices)} x {devices[0].device_kind}; "
-        f"batch {batch_size}, {steps_per_epoch} steps per epoch.", flush=True)
+        f"batch {batch_size}, {steps_per_epoch} steps per epoch"
+        + (f"; conv_impl {model.conv_impl}" if hasattr(model, "conv_impl") else "") + ".",
+        flush=True)
 
   images = jax.device_put(train_x, replicated)
   labels = jax.device_put(train_y.astype(np.int32), replicated)
@@ -532,6 +534,7 @@ def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, mode
       "device_kind": devices[0].device_kind,
       "device_count": len(devices),
       "platform": devices[0].platform,
+      "conv_impl": getattr(model, "conv_impl", None),  # model.conv_impl=auto, resolved
       "git_commit": git_commit(),
       **split_metrics["val"], **split_metrics["test"],
   }

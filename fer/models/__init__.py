@@ -8,6 +8,8 @@
 
 import jax.numpy as jnp
 
+from fer.models import layers
+
 
 def build_model(model_cfg):
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(model_cfg.dtype)
@@ -25,7 +27,7 @@ def build_model(model_cfg):
         dense_features=tuple(model_cfg.dense_features),
         dropout=model_cfg.dropout,
         dtype=dtype,
-        conv_impl=model_cfg.get("conv_impl", "xla"),
+        conv_impl=layers.resolve_conv_impl(model_cfg.get("conv_impl", "auto")),
         pool_impl=model_cfg.get("pool_impl", "reshape"),
     )
   if model_cfg.name in ("vgg16", "vgg16_head"):

@@ -2,12 +2,24 @@
 
 `Conv2D` is a drop-in for `nn.Conv` (stride 1, SAME padding): same parameter names and shapes
 (`kernel` HWIO, `bias`), same initialisers, so checkpoints are interchangeable. Its `impl` picks
-the lowering:
+the lowering (configs say `auto`: `resolve_conv_impl` makes it gemm_bf16 on CPU, xla elsewhere):
   xla     lax.conv_general_dilated, exactly what nn.Conv emits (XLA:CPU runs it through YNNPACK).
   im2col  patch extraction plus one matmul; gradients by autodiff (the weight gradient is then
           one patches^T @ grad matmul). On XLA:CPU 0.10 it loses: the patch concatenate costs
           more than the convolution (experiments/results/cpu_step_study.md). Kept for study and
           for backends where a matmul is much faster than a convolution.
+  gemm_bf16  the fast CPU path: im2col in bfloat16 and one bf16 x bf16 -> fp32 matmul for the
+          forward pass, the weight gradient (transposed patches @ grad) and the input gradient
+          (patches of grad @ flipped kernel), under a `jax.custom_vjp`. Parameters, activations
+          and gradients stay fp32; only the matmul inputs are rounded to bf16 (relative error
+          ~3e-3 against fp32, like bf16 mixed precision). AVX-512 BF16 runs bf16 matmuls at 2x
+          the fp32 rate, and YNNPACK runs these plain matmuls at ~2x the rate of its own
+          small-channel convolutions: forward + both gradients of a layer are 1.2-2.3x faster on a
+          2-core AVX-512 CPU, the whole training step 1.3x (experiments/benchmark_conv.py).
+          Layers with an odd number of input channels (the 1-channel first layer) keep `xla`:
+          their patches can't use the 32-bit copy below.
+          Patches are copied as 16/32-bit integers: XLA:CPU's concatenate of bfloat16 runs at
+          ~0.7 GB/s, of the same bits as uint32 at ~10 GB/s.
 
 `max_pool_2x2` is 2x2/stride-2 VALID max pooling as a reshape and max, with a custom gradient:
 the output gradient goes to the first maximum of each window in row-major order, which is the
@@ -23,7 +35,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-CONV_IMPLS = ("xla", "im2col")
+CONV_IMPLS = ("xla", "im2col", "gemm_bf16")
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """'auto' -> 'gemm_bf16' where JAX's default backend is the CPU, else 'xla' (cuDNN & co. win)."""
+  if impl == "auto":
+    return "gemm_bf16" if jax.default_backend() == "cpu" else "xla"
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"model.conv_impl={impl!r}: expected auto or one of {CONV_IMPLS}")
+  return impl
 POOL_IMPLS = ("xla", "reshape")
 
 
@@ -56,6 +77,76 @@ def conv_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _as_words(x: jax.Array) -> jax.Array:
+  """bf16 [..., C] -> uint32 [..., C/2] (C even) or uint16 [..., C]: same bits, fast copies."""
+  if x.shape[-1] % 2 == 0:
+    return lax.bitcast_convert_type(x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2), jnp.uint32)
+  return lax.bitcast_convert_type(x, jnp.uint16)
+
+
+def _bf16_patches(x: jax.Array, kernel_size: Sequence[int], padding=None) -> jax.Array:
+  """bf16 NHWC -> [N*H*W, kh*kw*C] patches ordered (kh, kw, C), stride 1 (SAME by default)."""
+  kh, kw = kernel_size
+  n, h, w, c = x.shape
+  padding = _same_padding(kernel_size) if padding is None else padding
+  xp = jnp.pad(_as_words(x), [(0, 0), *padding, (0, 0)])
+  p = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], axis=-1)
+  return lax.bitcast_convert_type(p, jnp.bfloat16).reshape(n * h * w, kh * kw * c)
+
+
+def _bf16_patches_t(x: jax.Array, kernel_size: Sequence[int]) -> jax.Array:
+  """bf16 NHWC -> the transposed patches [kh*kw*C, N*H*W] (a row-major matmul operand).
+
+  Built from the channel-major [C, N, H, W] copy of x, so each shifted window is one large
+  contiguous block; contracting the [N*H*W, ...] patches over their first axis instead runs
+  at a third of the speed on XLA:CPU.
+  """
+  kh, kw = kernel_size
+  n, h, w, c = x.shape
+  xt = lax.bitcast_convert_type(x, jnp.uint16).transpose(3, 0, 1, 2)
+  xt = jnp.pad(xt, [(0, 0), (0, 0), *_same_padding(kernel_size)])
+  p = jnp.stack([xt[:, :, i:i + h, j:j + w] for i in range(kh) for j in range(kw)], axis=0)
+  return lax.bitcast_convert_type(p, jnp.bfloat16).reshape(kh * kw * c, n * h * w)
+
+
+def _mm_f32(a, b):
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def conv_gemm_bf16(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """SAME, stride-1 convolution with bf16 matmul inputs and fp32 accumulation (module doc)."""
+  return _conv_gemm_bf16_fwd(x, kernel)[0]
+
+
+def _conv_gemm_bf16_fwd(x, kernel):
+  kh, kw, cin, cout = kernel.shape
+  n, h, w, _ = x.shape
+  xb, kb = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+  y = _mm_f32(_bf16_patches(xb, (kh, kw)), kb.reshape(kh * kw * cin, cout))
+  # Zero-size arrays carry the input and kernel dtypes (residuals must be arrays).
+  dtypes = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), kernel.dtype))
+  return y.reshape(n, h, w, cout).astype(x.dtype), (xb, kb, dtypes)
+
+
+def _conv_gemm_bf16_bwd(res, g):
+  xb, kb, (x_dtype, k_dtype) = res
+  kh, kw, cin, cout = kb.shape
+  n, h, w, _ = g.shape
+  gb = g.astype(jnp.bfloat16)
+  dk = _mm_f32(_bf16_patches_t(xb, (kh, kw)), gb.reshape(n * h * w, cout))
+  # The input gradient is the convolution of g with the flipped, in/out-swapped kernel, padded
+  # the other way round (the same as SAME for odd kernels).
+  flipped = kb[::-1, ::-1].transpose(0, 1, 3, 2).reshape(kh * kw * cout, cin)
+  padding = [(hi, lo) for lo, hi in _same_padding((kh, kw))]
+  dx = _mm_f32(_bf16_patches(gb, (kh, kw), padding), flipped)
+  return (dx.reshape(n, h, w, cin).astype(x_dtype.dtype),
+          dk.reshape(kh, kw, cin, cout).astype(k_dtype.dtype))
+
+
+conv_gemm_bf16.defvjp(_conv_gemm_bf16_fwd, _conv_gemm_bf16_bwd)
+
+
 class Conv2D(nn.Module):
   """nn.Conv(features, kernel_size, padding='SAME') with a selectable lowering (see module doc)."""
   features: int
@@ -77,7 +168,12 @@ class Conv2D(nn.Module):
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = conv_xla(x, kernel) if self.impl == "xla" else conv_im2col(x, kernel)
+    if self.impl == "im2col":
+      y = conv_im2col(x, kernel)
+    elif self.impl == "gemm_bf16" and x.shape[-1] % 2 == 0:
+      y = conv_gemm_bf16(x, kernel)
+    else:
+      y = conv_xla(x, kernel)
     if bias is not None:
       y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
     return y
@@ -125,3 +221,4 @@ def max_pool(x: jax.Array, impl: str = "reshape") -> jax.Array:
   if impl == "reshape":
     return max_pool_2x2(x)
   raise ValueError(f"max_pool impl={impl!r}: expected one of {POOL_IMPLS}")
+

@@ -1,0 +1,172 @@
+r"""Per-layer convolution timings and the malloc effect behind the CPU fast path (issue 9).
+
+  python experiments/benchmark_conv.py --out=experiments/results/benchmark_conv.md
+
+Parts 1-2 run with fer.xla_flags' malloc tuning on, as fer.main does. Part 1: each 3x3 convolution of the reference CNN (configs/reference_net.py) at batch 64: forward,
+and forward + both gradients, for `xla` (lax.conv, fp32; XLA:CPU runs it through YNNPACK) and
+`gemm_bf16` (fer/models/layers.py: bf16 im2col + one bf16 matmul per pass), with the relative
+error of gemm_bf16 against fp32. Part 2: the copy that builds the patches, as bfloat16 and as
+the same bits in uint32. Part 3: one jitted training step of the reference CNN (adam, batch 64,
+one step per dispatch) in a fresh process with and without fer.xla_flags' malloc tuning:
+milliseconds and minor page faults per step.
+"""
+
+import argparse
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from fer import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+xla_flags.configure_cpu_defaults()  # the malloc tuning, as in every fer entry point
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+from experiments import study
+from fer.models import layers
+
+LAYERS = ((48, 1, 32), (24, 32, 64), (12, 64, 128), (6, 128, 256))  # (size, in, out)
+
+
+def median_ms(fn, *args, repeats=20) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return 1e3 * float(np.median(times))
+
+
+def conv_rows(batch: int):
+  rng = np.random.default_rng(0)
+  rows = []
+  for size, cin, cout in LAYERS:
+    x = jnp.asarray(rng.standard_normal((batch, size, size, cin)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) * 0.1, jnp.float32)
+    g = jnp.asarray(rng.standard_normal((batch, size, size, cout)), jnp.float32)
+    impls = {"xla": layers.conv_xla}
+    if cin % 2 == 0:  # odd channel counts keep xla (see fer/models/layers.py)
+      impls["gemm_bf16"] = layers.conv_gemm_bf16
+    timing, outputs = {}, {}
+    for name, conv in impls.items():
+      loss = lambda x, k, conv=conv: jnp.vdot(conv(x, k), g)
+      timing[name] = (median_ms(jax.jit(conv), x, k),
+                      median_ms(jax.jit(jax.value_and_grad(loss, (0, 1))), x, k))
+      outputs[name] = (conv(x, k), *jax.grad(loss, (0, 1))(x, k))
+    err = "-"
+    if "gemm_bf16" in outputs:
+      err = max(float(jnp.abs(a - b).max() / jnp.abs(b).max())
+                for a, b in zip(outputs["gemm_bf16"], outputs["xla"]))
+      err = f"{err:.1e}"
+    flops = 2 * batch * size * size * 9 * cin * cout
+    row = f"| {size}x{size}, {cin} -> {cout} | {flops / 1e9:.2f} |"
+    for name in ("xla", "gemm_bf16"):
+      fwd, both = timing.get(name, (None, None))
+      row += " - | - |" if fwd is None else f" {fwd:.2f} | {both:.2f} |"
+    if "gemm_bf16" in timing:
+      row += f" {timing['xla'][1] / timing['gemm_bf16'][1]:.2f}x | {err} |"
+    else:
+      row += " - | - |"
+    rows.append(row)
+    print(row, flush=True)
+  return rows
+
+
+def patch_rows(batch: int):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((batch, 24, 24, 32)), jnp.bfloat16)
+  words = lax.bitcast_convert_type(x.reshape(batch, 24, 24, 16, 2), jnp.uint32)
+  def concat(a):
+    h, w = a.shape[1:3]
+    ap = jnp.pad(a, [(0, 0), (1, 1), (1, 1), (0, 0)])
+    return jnp.concatenate([ap[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], -1)
+  mbytes = 9 * x.size * 2 / 1e6
+  rows = []
+  for name, a in (("bfloat16", x), ("uint32 (bf16 pairs)", words)):
+    ms = median_ms(jax.jit(concat), a)
+    rows.append(f"| {name} | {mbytes:.1f} | {ms:.2f} | {mbytes / ms:.1f} |")
+    print(rows[-1], flush=True)
+  return rows
+
+
+_STEP = """
+import resource, sys, time
+sys.path.insert(0, {root!r})
+from fer import xla_flags
+xla_flags.configure_cpu_defaults()
+import jax, jax.numpy as jnp, numpy as np, optax
+from fer.models import cnn
+model = cnn.CNN(conv_impl={impl!r})
+x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (64, 48, 48, 1)), jnp.uint8)
+y = jnp.arange(64) % 7
+params = model.init(jax.random.key(0), x)
+tx = optax.adam(1e-3)
+opt = tx.init(params)
+@jax.jit
+def step(params, opt, x, y):
+  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()
+  grads = jax.grad(loss)(params)
+  updates, opt = tx.update(grads, opt, params)
+  return optax.apply_updates(params, updates), opt
+for _ in range(5):
+  params, opt = step(params, opt, x, y)
+jax.block_until_ready(params)
+faults, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+for _ in range(30):
+  params, opt = step(params, opt, x, y)
+jax.block_until_ready(params)
+print((time.perf_counter() - t) / 30 * 1e3, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 30)
+"""
+
+
+def step_rows():
+  root = str(pathlib.Path(__file__).resolve().parents[1])
+  rows = []
+  for impl in ("xla", "gemm_bf16"):
+    for tuned in (False, True):
+      env = {**os.environ, "FER_NO_CPU_FLAGS": "0" if tuned else "1", "JAX_PLATFORMS": "cpu"}
+      out = subprocess.run([sys.executable, "-c", _STEP.format(root=root, impl=impl)], env=env,
+                           check=True, capture_output=True, text=True).stdout.split()
+      ms, faults = float(out[-2]), float(out[-1])
+      rows.append(f"| {impl} | {'on' if tuned else 'off'} | {ms:.1f} | {64 / ms * 1e3:.0f} | "
+                  f"{faults:,.0f} |")
+      print(rows[-1], flush=True)
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--out", default="", help="write the markdown tables here")
+  args = parser.parse_args()
+  lines = ["# Convolution lowerings and malloc on the CPU (issue 9)", "",
+           f"Machine: {study.machine()}; jax {jax.__version__}. Command: "
+           f"`python {' '.join(sys.argv)}`", "",
+           f"## Per layer, batch {args.batch}, median ms", "",
+           "| layer | GFLOP fwd | xla fwd | xla fwd+grads | gemm_bf16 fwd | gemm_bf16 fwd+grads |"
+           " speed-up (fwd+grads) | max rel. error vs fp32 |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  lines += conv_rows(args.batch)
+  lines += ["", "## Building the 3x3 patches of a 24x24x32 bf16 activation", "",
+            "| copied as | MB written | ms | GB/s |", "|---|---:|---:|---:|"]
+  lines += patch_rows(args.batch)
+  lines += ["", "## One training step of the reference CNN (adam, batch 64, fresh process)", "",
+            "| conv_impl | malloc tuning | ms/step | images/s | minor page faults/step |",
+            "|---|---|---:|---:|---:|"]
+  lines += step_rows()
+  text = "\n".join(lines) + "\n"
+  if args.out:
+    pathlib.Path(args.out).write_text(text)
+  print(text)
+
+
+if __name__ == "__main__":
+  main()
