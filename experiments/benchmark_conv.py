@@ -2,13 +2,16 @@ r"""Per-layer convolution timings and the malloc effect behind the CPU fast path
 
   python experiments/benchmark_conv.py --out=experiments/results/benchmark_conv.md
 
-Parts 1-2 run with fer.xla_flags' malloc tuning on, as fer.main does. Part 1: each 3x3 convolution of the reference CNN (configs/reference_net.py) at batch 64: forward,
-and forward + both gradients, for `xla` (lax.conv, fp32; XLA:CPU runs it through YNNPACK) and
-`gemm_bf16` (fer/models/layers.py: bf16 im2col + one bf16 matmul per pass), with the relative
-error of gemm_bf16 against fp32. Part 2: the copy that builds the patches, as bfloat16 and as
-the same bits in uint32. Part 3: one jitted training step of the reference CNN (adam, batch 64,
-one step per dispatch) in a fresh process with and without fer.xla_flags' malloc tuning:
-milliseconds and minor page faults per step.
+The in-process parts run with fer.xla_flags' malloc tuning on, as fer.main does.
+1. Each 3x3 convolution of the reference CNN (configs/reference_net.py) at batch 64: forward,
+   and forward + both gradients, for `xla` (lax.conv, fp32; XLA:CPU runs it through YNNPACK)
+   and `gemm_bf16` (fer/models/layers.py: bf16 im2col + one bf16 matmul per pass), with the
+   relative error of gemm_bf16 against fp32.
+2. One matmul with fp32 and with bf16 inputs.
+3. The copy that builds the patches, as bfloat16 and as the same bits in uint32.
+4. One jitted training step of the reference CNN (adam, batch 64, one step per dispatch) in a
+   fresh process with and without the malloc tuning: milliseconds and minor page faults per
+   step; then a profile of the default step by kind of op.
 """
 
 import argparse
@@ -80,6 +83,20 @@ def conv_rows(batch: int):
   return rows
 
 
+def matmul_rows():
+  rng = np.random.default_rng(0)
+  rows = []
+  m, k, n = 2304, 1152, 256  # the 6x6x128 -> 256 layer's im2col matmul at batch 64
+  for dtype in (jnp.float32, jnp.bfloat16):
+    a = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    b = jnp.asarray(rng.standard_normal((k, n)), dtype)
+    ms = median_ms(jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)), a, b)
+    rows.append(f"| {m}x{k} @ {k}x{n} | {jnp.dtype(dtype).name} | {ms:.2f} | "
+                f"{2 * m * k * n / ms / 1e6:.0f} |")
+    print(rows[-1], flush=True)
+  return rows
+
+
 def patch_rows(batch: int):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((batch, 24, 24, 32)), jnp.bfloat16)
@@ -124,21 +141,55 @@ for _ in range(30):
   params, opt = step(params, opt, x, y)
 jax.block_until_ready(params)
 print((time.perf_counter() - t) / 30 * 1e3, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 30)
+if {profile!r}:
+  import collections, glob, gzip, json, re, tempfile
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      for _ in range(10):
+        params, opt = step(params, opt, x, y)
+      jax.block_until_ready(params)
+    events = json.load(gzip.open(glob.glob(d + "/**/*.json.gz", recursive=True)[0]))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  kinds = collections.Counter()
+  for e in events:
+    name = e.get("name", "")
+    if e.get("ph") != "X" or name.startswith("$") or "Thunk" in name or "Slinky" in name:
+      continue
+    kind = ("matmuls and convolutions (YNNPACK)" if name.startswith("ynn_fusion") else
+            "patch copies, bitcasts, pads, transposes" if re.search(
+                "concatenate|stack|bitcast|pad|copy|transpose|slice", name) else
+            "everything else (pooling, ReLU, bias, loss, adam)")
+    kinds[kind] += e["dur"] / 10 / 1e3
+  for kind, ms in kinds.most_common():
+    print("PROFILE", round(ms, 1), kind)
 """
 
 
-def step_rows():
+def _run_step(impl: str, tuned: bool, profile: bool = False):
   root = str(pathlib.Path(__file__).resolve().parents[1])
+  env = {**os.environ, "FER_NO_CPU_FLAGS": "0" if tuned else "1", "JAX_PLATFORMS": "cpu"}
+  if profile:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
+  return subprocess.run([sys.executable, "-c", _STEP.format(root=root, impl=impl, profile=profile)],
+                        env=env, check=True, capture_output=True, text=True).stdout.splitlines()
+
+
+def step_rows():
   rows = []
   for impl in ("xla", "gemm_bf16"):
     for tuned in (False, True):
-      env = {**os.environ, "FER_NO_CPU_FLAGS": "0" if tuned else "1", "JAX_PLATFORMS": "cpu"}
-      out = subprocess.run([sys.executable, "-c", _STEP.format(root=root, impl=impl)], env=env,
-                           check=True, capture_output=True, text=True).stdout.split()
-      ms, faults = float(out[-2]), float(out[-1])
+      ms, faults = map(float, _run_step(impl, tuned)[-1].split())
       rows.append(f"| {impl} | {'on' if tuned else 'off'} | {ms:.1f} | {64 / ms * 1e3:.0f} | "
                   f"{faults:,.0f} |")
       print(rows[-1], flush=True)
+  return rows
+
+
+def profile_rows():
+  lines = _run_step("gemm_bf16", tuned=True, profile=True)
+  rows = [f"| {l.split(' ', 2)[2]} | {float(l.split()[1]):.1f} |" for l in lines
+          if l.startswith("PROFILE")]
+  print("\n".join(rows), flush=True)
   return rows
 
 
@@ -155,6 +206,9 @@ def main():
            " speed-up (fwd+grads) | max rel. error vs fp32 |",
            "|---|---:|---:|---:|---:|---:|---:|---:|"]
   lines += conv_rows(args.batch)
+  lines += ["", "## One matmul, fp32 and bf16 inputs (fp32 accumulation)", "",
+            "| shape | inputs | ms | GFLOP/s |", "|---|---|---:|---:|"]
+  lines += matmul_rows()
   lines += ["", "## Building the 3x3 patches of a 24x24x32 bf16 activation", "",
             "| copied as | MB written | ms | GB/s |", "|---|---:|---:|---:|"]
   lines += patch_rows(args.batch)
@@ -162,6 +216,11 @@ def main():
             "| conv_impl | malloc tuning | ms/step | images/s | minor page faults/step |",
             "|---|---|---:|---:|---:|"]
   lines += step_rows()
+  lines += ["", "## Where the default step's time goes (gemm_bf16, malloc tuning on; XLA:CPU "
+            "thunk times from jax.profiler with --xla_cpu_enable_xprof_traceme=true, ms per step; "
+            "the two worker threads overlap, so the sum exceeds the step time)", "",
+            "| kind of op | ms per step |", "|---|---:|"]
+  lines += profile_rows()
   text = "\n".join(lines) + "\n"
   if args.out:
     pathlib.Path(args.out).write_text(text)

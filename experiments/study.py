@@ -106,14 +106,22 @@ def _seed_rows(dirs):
     protocol = config["input"]["protocol"]
     val, test = (np.array([r[k] for r in rs]) for k in ("val/accuracy", "test/accuracy"))
     original = _original(base, protocol, config.get("model", {}).get("name", ""))
-    info = json.loads((members[0] / "run.json").read_text())
+    hosts = [(lambda i: f"{i['machine']}; {i['devices']}")(json.loads((d / "run.json").read_text()))
+             for d in members]
+    if len(set(hosts)) == 1:
+      where = hosts[0]
+      time = f"{np.mean([r['train_seconds'] for r in rs]) / 60:.0f} min each"
+    else:  # members ran on different machines: no mean time, each machine named
+      where = "mixed: " + " / ".join(
+          f"{', '.join(d.name for d, h in zip(members, hosts) if h == host)} on {host}"
+          for host in sorted(set(hosts)))
+      time = "see the runs"
     rows.append(
         f"| {base} (mean ± std of {len(rs)} seeds) | {protocol} | {val.mean():.1%} ± "
         f"{val.std(ddof=1):.1%} | **{test.mean():.1%} ± {test.std(ddof=1):.1%}** | "
         f"{'' if original is None else f'{original:.1%}'} | "
         f"{np.mean([r['test/macro_f1'] for r in rs]):.3f} | {rs[0]['num_params']:,} | | "
-        f"{np.mean([r['train_seconds'] for r in rs]) / 60:.0f} min each | "
-        f"{info['machine']}; {info['devices']} | runs {', '.join(d.name for d in members)} |")
+        f"{time} | {where} | runs {', '.join(d.name for d in members)} |")
   return rows
 
 
