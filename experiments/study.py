@@ -78,6 +78,12 @@ def _seed_group(name: str) -> str | None:
   return match.group(1) if match else None
 
 
+def _host(d) -> str:
+  """'<machine>; <devices>' of a collected run, from its run.json."""
+  info = json.loads((d / "run.json").read_text())
+  return f"{info['machine']}; {info['devices']}"
+
+
 def _row(name, d):
   r = json.loads((d / "results.json").read_text())
   c = json.loads((d / "config.json").read_text())
@@ -95,8 +101,8 @@ def _seed_rows(dirs):
   """One summary row per group of runs named <base>_s<seed> (2 or more): mean and spread."""
   groups = {}
   for d in dirs:
-    if _seed_group(d.name):
-      groups.setdefault(_seed_group(d.name), []).append(d)
+    if group := _seed_group(d.name):
+      groups.setdefault(group, []).append(d)
   rows = []
   for base, members in sorted(groups.items()):
     if len(members) < 2:
@@ -106,8 +112,7 @@ def _seed_rows(dirs):
     protocol = config["input"]["protocol"]
     val, test = (np.array([r[k] for r in rs]) for k in ("val/accuracy", "test/accuracy"))
     original = _original(base, protocol, config.get("model", {}).get("name", ""))
-    hosts = [(lambda i: f"{i['machine']}; {i['devices']}")(json.loads((d / "run.json").read_text()))
-             for d in members]
+    hosts = [_host(d) for d in members]
     if len(set(hosts)) == 1:
       where = hosts[0]
       time = f"{np.mean([r['train_seconds'] for r in rs]) / 60:.0f} min each"

@@ -17,6 +17,10 @@ def env(monkeypatch):
   for name in ("XLA_FLAGS", "FER_NO_CPU_FLAGS", "JAX_PLATFORM_NAME"):
     monkeypatch.delenv(name, raising=False)
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  # Records the malloc tuning instead of applying it to the pytest process (tested below in a
+  # subprocess of its own).
+  monkeypatch.tuned = []
+  monkeypatch.setattr(xla_flags, "keep_freed_memory", lambda: monkeypatch.tuned.append(1))
   return monkeypatch
 
 
@@ -26,6 +30,7 @@ def test_flags_appended_once_and_user_flags_win(env):
   assert added == ["--xla_foo=1"]
   assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false --xla_foo=1"
   assert xla_flags.configure_cpu_defaults(["--xla_foo=2"]) == []
+  assert env.tuned == [1, 1]
 
 
 def test_nothing_off_cpu_or_when_disabled(env):
@@ -35,6 +40,7 @@ def test_nothing_off_cpu_or_when_disabled(env):
   env.setenv("FER_NO_CPU_FLAGS", "1")
   assert xla_flags.configure_cpu_defaults(["--xla_foo=1"]) == []
   assert "XLA_FLAGS" not in os.environ
+  assert env.tuned == []
 
 
 # Allocates and frees 64 MiB twice; prints the page faults of the second round. glibc's default

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 CONV_IMPLS = ("xla", "im2col", "gemm_bf16")
+POOL_IMPLS = ("xla", "reshape")
 
 
 def resolve_conv_impl(impl: str) -> str:
@@ -45,7 +46,6 @@ def resolve_conv_impl(impl: str) -> str:
   if impl not in CONV_IMPLS:
     raise ValueError(f"model.conv_impl={impl!r}: expected auto or one of {CONV_IMPLS}")
   return impl
-POOL_IMPLS = ("xla", "reshape")
 
 
 def _same_padding(kernel_size: Sequence[int]):
@@ -53,11 +53,15 @@ def _same_padding(kernel_size: Sequence[int]):
   return [((k - 1) // 2, k // 2) for k in kernel_size]
 
 
-def extract_patches(x: jax.Array, kernel_size: Sequence[int]) -> jax.Array:
-  """[N, H, W, C] -> [N, H, W, kh * kw * C], stride 1, SAME, ordered (kh, kw, C) like HWIO."""
+def extract_patches(x: jax.Array, kernel_size: Sequence[int], padding=None) -> jax.Array:
+  """[N, H, W, C] -> [N, H, W, kh * kw * C], stride 1, ordered (kh, kw, C) like HWIO.
+
+  `padding`: [(top, bottom), (left, right)]; SAME (lax's, for stride 1) by default.
+  """
   kh, kw = kernel_size
   _, h, w, _ = x.shape
-  xp = jnp.pad(x, [(0, 0), *_same_padding(kernel_size), (0, 0)])
+  padding = _same_padding(kernel_size) if padding is None else padding
+  xp = jnp.pad(x, [(0, 0), *padding, (0, 0)])
   return jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)],
                          axis=-1)
 
@@ -85,12 +89,10 @@ def _as_words(x: jax.Array) -> jax.Array:
 
 
 def _bf16_patches(x: jax.Array, kernel_size: Sequence[int], padding=None) -> jax.Array:
-  """bf16 NHWC -> [N*H*W, kh*kw*C] patches ordered (kh, kw, C), stride 1 (SAME by default)."""
+  """bf16 NHWC -> [N*H*W, kh*kw*C] patches (extract_patches, copied as 16/32-bit words)."""
   kh, kw = kernel_size
   n, h, w, c = x.shape
-  padding = _same_padding(kernel_size) if padding is None else padding
-  xp = jnp.pad(_as_words(x), [(0, 0), *padding, (0, 0)])
-  p = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], axis=-1)
+  p = extract_patches(_as_words(x), kernel_size, padding)
   return lax.bitcast_convert_type(p, jnp.bfloat16).reshape(n * h * w, kh * kw * c)
 
 
@@ -221,4 +223,3 @@ def max_pool(x: jax.Array, impl: str = "reshape") -> jax.Array:
   if impl == "reshape":
     return max_pool_2x2(x)
   raise ValueError(f"max_pool impl={impl!r}: expected one of {POOL_IMPLS}")
-
