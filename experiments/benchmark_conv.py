@@ -5,13 +5,14 @@ r"""Per-layer convolution timings and the malloc effect behind the CPU fast path
 The in-process parts run with fer.xla_flags' malloc tuning on, as fer.main does.
 1. Each 3x3 convolution of the reference CNN (configs/reference_net.py) at batch 64: forward,
    and forward + both gradients, for `xla` (lax.conv, fp32; XLA:CPU runs it through YNNPACK)
-   and `gemm_bf16` (fer/models/layers.py: bf16 im2col + one bf16 matmul per pass), with the
-   relative error of gemm_bf16 against fp32.
+   and `gemm_bf16` (fer/models/layers.py: bf16 im2col + one bf16 matmul per pass) with XLA's
+   patches and with fer.native's, with the relative error of gemm_bf16 against fp32.
 2. One matmul with fp32 and with bf16 inputs.
-3. The copy that builds the patches, as bfloat16 and as the same bits in uint32.
+3. The copy that builds the patches: XLA's, as bfloat16 and as the same bits in uint32, and
+   fer.native's C++ kernel; then the augmentation's bilinear resampling, XLA vs fer.native.
 4. One jitted training step of the reference CNN (adam, batch 64, one step per dispatch) in a
-   fresh process with and without the malloc tuning: milliseconds and minor page faults per
-   step; then a profile of the default step by kind of op.
+   fresh process with and without the malloc tuning and fer.native: milliseconds and minor page
+   faults per step; then a profile of the default step by kind of op.
 """
 
 import argparse
@@ -33,6 +34,8 @@ from jax import lax
 import numpy as np
 
 from experiments import study
+from fer import augment
+from fer import native
 from fer.models import layers
 
 LAYERS = ((48, 1, 32), (24, 32, 64), (12, 64, 128), (6, 128, 256))  # (size, in, out)
@@ -55,15 +58,20 @@ def conv_rows(batch: int):
     x = jnp.asarray(rng.standard_normal((batch, size, size, cin)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) * 0.1, jnp.float32)
     g = jnp.asarray(rng.standard_normal((batch, size, size, cout)), jnp.float32)
-    impls = {"xla": layers.conv_xla}
+    impls = {"xla": (layers.conv_xla, False)}
     if cin % 2 == 0:  # odd channel counts keep xla (see fer/models/layers.py)
-      impls["gemm_bf16"] = layers.conv_gemm_bf16
+      impls["gemm_bf16, XLA patches"] = (layers.conv_gemm_bf16, False)
+      if native.available():
+        impls["gemm_bf16"] = (layers.conv_gemm_bf16, True)
     timing, outputs = {}, {}
-    for name, conv in impls.items():
+    for name, (conv, use_native) in impls.items():
+      os.environ["FER_NO_NATIVE"] = "0" if use_native else "1"  # read when traced: fresh jits
       loss = lambda x, k, conv=conv: jnp.vdot(conv(x, k), g)
-      timing[name] = (median_ms(jax.jit(conv), x, k),
+      timing[name] = (median_ms(jax.jit(lambda x, k, conv=conv: conv(x, k)), x, k),
                       median_ms(jax.jit(jax.value_and_grad(loss, (0, 1))), x, k))
-      outputs[name] = (conv(x, k), *jax.grad(loss, (0, 1))(x, k))
+      outputs[name] = jax.jit(lambda x, k, loss=loss, conv=conv: (
+          conv(x, k), *jax.grad(loss, (0, 1))(x, k)))(x, k)
+    os.environ.pop("FER_NO_NATIVE")
     err = "-"
     if "gemm_bf16" in outputs:
       err = max(float(jnp.abs(a - b).max() / jnp.abs(b).max())
@@ -71,7 +79,7 @@ def conv_rows(batch: int):
       err = f"{err:.1e}"
     flops = 2 * batch * size * size * 9 * cin * cout
     row = f"| {size}x{size}, {cin} -> {cout} | {flops / 1e9:.2f} |"
-    for name in ("xla", "gemm_bf16"):
+    for name in ("xla", "gemm_bf16, XLA patches", "gemm_bf16"):
       fwd, both = timing.get(name, (None, None))
       row += " - | - |" if fwd is None else f" {fwd:.2f} | {both:.2f} |"
     if "gemm_bf16" in timing:
@@ -104,10 +112,30 @@ def patch_rows(batch: int):
   concat = lambda a: layers.extract_patches(a, (3, 3))
   mbytes = 9 * x.size * 2 / 1e6
   rows = []
-  for name, a in (("bfloat16", x), ("uint32 (bf16 pairs)", words)):
-    ms = median_ms(jax.jit(concat), a)
+  builders = [("XLA, bfloat16", concat, x), ("XLA, uint32 (bf16 pairs)", concat, words)]
+  if native.available():
+    builders.append(("fer.native (C++ FFI)", lambda a: native.patches(a, (3, 3), [(1, 1)] * 2), x))
+  for name, fn, a in builders:
+    ms = median_ms(jax.jit(fn), a)
     rows.append(f"| {name} | {mbytes:.1f} | {ms:.2f} | {mbytes / ms:.1f} |")
     print(rows[-1], flush=True)
+  return rows
+
+
+def bilinear_rows(batch: int):
+  """The affine augmentation's resampling: XLA's four gathers vs fer.native's loop."""
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (batch, 48, 48, 1)), jnp.float32)
+  src = [jnp.asarray(rng.uniform(-2, 50, (batch, 48, 48)), jnp.float32) for _ in range(2)]
+  rows = []
+  for name, use_native in (("XLA (4 gathers)", False), ("fer.native (C++ FFI)", True)):
+    if use_native and not native.available():
+      continue
+    os.environ["FER_NO_NATIVE"] = "0" if use_native else "1"
+    ms = median_ms(jax.jit(lambda *a: augment._bilinear(*a)), images, *src)
+    rows.append(f"| {name} | {ms:.2f} |")
+    print(rows[-1], flush=True)
+  os.environ.pop("FER_NO_NATIVE")
   return rows
 
 
@@ -153,6 +181,7 @@ if {profile!r}:
     if e.get("ph") != "X" or name.startswith("$") or "Thunk" in name or "Slinky" in name:
       continue
     kind = ("matmuls and convolutions (YNNPACK)" if name.startswith("ynn_fusion") else
+            "fer.native patches (FFI calls)" if name.startswith("ffi_call") else
             "patch copies, bitcasts, pads, transposes" if re.search(
                 "concatenate|stack|bitcast|pad|copy|transpose|slice", name) else
             "everything else (pooling, ReLU, bias, loss, adam)")
@@ -162,9 +191,10 @@ if {profile!r}:
 """
 
 
-def _run_step(impl: str, tuned: bool, profile: bool = False):
+def _run_step(impl: str, tuned: bool, use_native: bool, profile: bool = False):
   root = str(pathlib.Path(__file__).resolve().parents[1])
-  env = {**os.environ, "FER_NO_CPU_FLAGS": "0" if tuned else "1", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "FER_NO_CPU_FLAGS": "0" if tuned else "1", "JAX_PLATFORMS": "cpu",
+         "FER_NO_NATIVE": "0" if use_native else "1"}
   if profile:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
   return subprocess.run([sys.executable, "-c", _STEP.format(root=root, impl=impl, profile=profile)],
@@ -173,17 +203,20 @@ def _run_step(impl: str, tuned: bool, profile: bool = False):
 
 def step_rows():
   rows = []
-  for impl in ("xla", "gemm_bf16"):
-    for tuned in (False, True):
-      ms, faults = map(float, _run_step(impl, tuned)[-1].split())
-      rows.append(f"| {impl} | {'on' if tuned else 'off'} | {ms:.1f} | {64 / ms * 1e3:.0f} | "
-                  f"{faults:,.0f} |")
-      print(rows[-1], flush=True)
+  for impl, tuned, use_native in (("xla", False, False), ("xla", True, False),
+                                  ("gemm_bf16", False, False), ("gemm_bf16", True, False),
+                                  ("gemm_bf16", True, True)):
+    if use_native and not native.available():
+      continue
+    ms, faults = map(float, _run_step(impl, tuned, use_native)[-1].split())
+    rows.append(f"| {impl} | {'on' if tuned else 'off'} | {'on' if use_native else 'off'} | "
+                f"{ms:.1f} | {64 / ms * 1e3:.0f} | {faults:,.0f} |")
+    print(rows[-1], flush=True)
   return rows
 
 
 def profile_rows():
-  lines = _run_step("gemm_bf16", tuned=True, profile=True)
+  lines = _run_step("gemm_bf16", tuned=True, use_native=native.available(), profile=True)
   rows = [f"| {l.split(' ', 2)[2]} | {float(l.split()[1]):.1f} |" for l in lines
           if l.startswith("PROFILE")]
   print("\n".join(rows), flush=True)
@@ -199,19 +232,25 @@ def main():
            f"Machine: {study.machine()}; jax {jax.__version__}. Command: "
            f"`python {' '.join(sys.argv)}`", "",
            f"## Per layer, batch {args.batch}, median ms", "",
-           "| layer | GFLOP fwd | xla fwd | xla fwd+grads | gemm_bf16 fwd | gemm_bf16 fwd+grads |"
-           " speed-up (fwd+grads) | max rel. error vs fp32 |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "gemm_bf16 is the default: its patches from fer.native's C++ kernels; the columns "
+           "before it build the same patches with XLA (FER_NO_NATIVE=1).", "",
+           "| layer | GFLOP fwd | xla fwd | xla fwd+grads | gemm_bf16, XLA patches fwd "
+           "| gemm_bf16, XLA patches fwd+grads | gemm_bf16 fwd | gemm_bf16 fwd+grads "
+           "| speed-up vs xla (fwd+grads) | max rel. error vs fp32 |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   lines += conv_rows(args.batch)
   lines += ["", "## One matmul, fp32 and bf16 inputs (fp32 accumulation)", "",
             "| shape | inputs | ms | GFLOP/s |", "|---|---|---:|---:|"]
   lines += matmul_rows()
   lines += ["", "## Building the 3x3 patches of a 24x24x32 bf16 activation", "",
-            "| copied as | MB written | ms | GB/s |", "|---|---:|---:|---:|"]
+            "| built by | MB written | ms | GB/s |", "|---|---:|---:|---:|"]
   lines += patch_rows(args.batch)
+  lines += ["", f"## Bilinear resampling of {args.batch} 48x48 faces (the affine augmentation)",
+            "", "| by | ms |", "|---|---:|"]
+  lines += bilinear_rows(args.batch)
   lines += ["", "## One training step of the reference CNN (adam, batch 64, fresh process)", "",
-            "| conv_impl | malloc tuning | ms/step | images/s | minor page faults/step |",
-            "|---|---|---:|---:|---:|"]
+            "| conv_impl | malloc tuning | fer.native | ms/step | images/s "
+            "| minor page faults/step |", "|---|---|---|---:|---:|---:|"]
   lines += step_rows()
   lines += ["", "## Where the default step's time goes (gemm_bf16, malloc tuning on; XLA:CPU "
             "thunk times from jax.profiler with --xla_cpu_enable_xprof_traceme=true, ms per step; "

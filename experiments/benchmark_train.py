@@ -6,8 +6,10 @@ r"""CPU/GPU training throughput over whole epochs on the real FER2013 training s
   python experiments/benchmark_train.py --config=configs/reference_net.py --compare \
       --keras_python=/tmp/tfenv/bin/python --out=experiments/results/benchmark_train.md
       the side-by-side table, in one run on one machine: the plain JAX step (XLA convolutions and
-      pooling, one step per dispatch) and the project's default fast path, each without and with
-      augmentation, and, where a Python with TensorFlow is given, the same network in Keras.
+      pooling, one step per dispatch), the project's fast path in stages (fp32 XLA convs; bf16
+      matmul convs with XLA's patches; the default, with fer.native's C++ patches and bilinear
+      resampling), each without and with augmentation, and, where a Python with TensorFlow is
+      given, the same network in Keras.
 
   python experiments/benchmark_train.py --config=configs/augment.py --batch_sizes=64,256 \
       --max_images=8192 --out=experiments/results/benchmark_configs.md
@@ -18,6 +20,7 @@ input keys, or $FER2013_ARCHIVE / $FER_DATA_DIR.
 """
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -133,14 +136,18 @@ def main(argv):
     print(f"train images/s: {rate:.0f}")
     return
   rows = []
-  for name, overrides in (("JAX, plain step (XLA conv + pool, 1 step/dispatch)", BASELINE),
-                          ("JAX, fer fast path with exact fp32 XLA convs", FP32_CONVS),
-                          ("JAX, fer default fast path", {})):
+  for name, overrides, use_native in (
+      ("JAX, plain step (XLA conv + pool, 1 step/dispatch)", BASELINE, False),
+      ("JAX, fer fast path with exact fp32 XLA convs", FP32_CONVS, False),
+      ("JAX, fer fast path, bf16-matmul convs with XLA's patches (FER_NO_NATIVE=1)", {}, False),
+      ("JAX, fer default fast path (+ fer.native C++ patches and resampling)", {}, True)):
     for aug_name, aug in (("off", NO_AUGMENT), ("on", AUGMENT)):
       c = _with(config, {**overrides, **aug})
+      os.environ["FER_NO_NATIVE"] = "0" if use_native else "1"  # read when the step is traced
       rate = images_per_second(c, data, _EPOCHS.value)
       rows.append((name, aug_name, rate))
       print(f"{name}, augmentation {aug_name}: {rate:.0f} images/s", flush=True)
+  os.environ.pop("FER_NO_NATIVE")
   if _KERAS.value:
     with tempfile.TemporaryDirectory() as tmp:
       npz = pathlib.Path(tmp) / "train.npz"
@@ -153,16 +160,19 @@ def main(argv):
     for aug_name, key in (("off", "plain"), ("on", "augment")):
       rows.append((f"Keras {k['keras']} ({k['backend']}), in-memory model.fit", aug_name, k[key]))
       print(f"Keras, augmentation {aug_name}: {k[key]:.0f} images/s", flush=True)
-  best_keras = max((r for n, a, r in rows if n.startswith("Keras")), default=None)
+  keras = {a: r for n, a, r in rows if n.startswith("Keras")}
+  best_keras = max(keras.values(), default=None)
   lines = [f"Machine: {machine()}. Batch {config.input.batch_size}, whole epochs of "
            f"{(len(data['image']) // config.input.batch_size) * config.input.batch_size} "
            f"images, {_EPOCHS.value} timed epoch(s) after one untimed (compiling) epoch. "
            "fer.xla_flags' malloc tuning is process-wide, so it is on in every JAX row.",
            f"Command: `{command}`", "",
-           "| implementation | augmentation | images/s | vs best Keras |", "|---|---|---:|---:|"]
+           "| implementation | augmentation | images/s | vs Keras, same augmentation "
+           "| vs best Keras |", "|---|---|---:|---:|---:|"]
   for name, aug_name, rate in rows:
+    same = f"{rate / keras[aug_name]:.2f}x" if aug_name in keras else "-"
     ratio = f"{rate / best_keras:.2f}x" if best_keras else "-"
-    lines.append(f"| {name} | {aug_name} | {rate:,.0f} | {ratio} |")
+    lines.append(f"| {name} | {aug_name} | {rate:,.0f} | {same} | {ratio} |")
   table = "\n".join(lines)
   print(table)
   if _OUT.value:

@@ -10,6 +10,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from fer import native
+
 
 def is_enabled(cfg) -> bool:
   return bool(cfg.flip or cfg.rotate_degrees or cfg.shift_fraction or cfg.zoom_fraction
@@ -41,6 +43,8 @@ def _affine(rng, images, cfg):
 
 
 def _bilinear(images, src_y, src_x):
+  if native.available():  # the same formula as one C++ loop: ~10x faster on a CPU
+    return native.bilinear(images, src_y, src_x)
   n, h, w, c = images.shape
   src_y = jnp.clip(src_y, 0.0, h - 1.0)
   src_x = jnp.clip(src_x, 0.0, w - 1.0)

@@ -25,6 +25,7 @@ from fer import augment
 from fer import checkpointing
 from fer import fileio
 from fer import metrics as metrics_lib
+from fer import native
 from fer import optim
 from fer.datasets.fer2013 import CLASSES, NUM_CLASSES
 from fer.models import build_model
@@ -383,7 +384,8 @@ def _train_and_evaluate(config, workdir, data=None):
   print(f"{num_params:,} parameters; {num_train} train / {len(data['val']['image'])} val / "
         f"{len(data['test']['image'])} test images; {len(devices)} x {devices[0].device_kind}; "
         f"batch {batch_size}, {steps_per_epoch} steps per epoch"
-        + (f"; conv_impl {model.conv_impl}" if hasattr(model, "conv_impl") else "") + ".",
+        + (f"; conv_impl {model.conv_impl}" if hasattr(model, "conv_impl") else "")
+        + ("; fer.native CPU kernels" if native.available() else "") + ".",
         flush=True)
 
   images = jax.device_put(train_x, replicated)
@@ -535,6 +537,7 @@ def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, mode
       "device_count": len(devices),
       "platform": devices[0].platform,
       "conv_impl": getattr(model, "conv_impl", None),  # model.conv_impl=auto, resolved
+      "native_kernels": native.available(),  # fer.native's C++ patches/resampling (CPU only)
       "git_commit": git_commit(),
       **split_metrics["val"], **split_metrics["test"],
   }

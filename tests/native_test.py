@@ -1,0 +1,153 @@
+"""fer.native: the C++ patch and resampling kernels equal the XLA versions, and a failed build
+falls back with a warning instead of breaking anything."""
+
+import os
+import shutil
+import stat
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fer import augment
+from fer import native
+from fer.models import layers
+
+HAVE_COMPILER = native.compiler() is not None
+
+
+@pytest.fixture
+def native_on():
+  """The native kernels, which must build wherever there is a C++ compiler (CI has g++)."""
+  if not HAVE_COMPILER:
+    pytest.skip("no C++ compiler: fer.native falls back to XLA (tested below)")
+  assert native.available(), "fer.native failed to build or load (see the warning)"
+
+
+def _xla(monkeypatch, fn, *args):
+  with monkeypatch.context() as m:
+    m.setenv("FER_NO_NATIVE", "1")
+    assert not native.available()
+    return fn(*args)
+
+
+def _bf16(shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.bfloat16)
+
+
+SHAPES = [  # (x shape, kernel size)
+    ((2, 5, 7, 3), (3, 3)),
+    ((3, 6, 4, 2), (2, 2)),
+    ((1, 9, 8, 4), (5, 3)),
+    ((2, 4, 4, 1), (3, 3)),
+    ((4, 24, 24, 32), (3, 3)),
+]
+
+
+@pytest.mark.parametrize("shape,ks", SHAPES)
+def test_patches_equal_xla_bit_for_bit(native_on, monkeypatch, shape, ks):
+  x = _bf16(shape)
+  flipped = [(hi, lo) for lo, hi in layers._same_padding(ks)]  # the input gradient's padding
+  for padding in (None, flipped):
+    got = jax.jit(lambda x: layers._bf16_patches(x, ks, padding))(x)
+    want = _xla(monkeypatch, lambda: jax.jit(lambda x: layers._bf16_patches(x, ks, padding))(x))
+    assert got.shape == want.shape and got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  got = jax.jit(lambda x: layers._bf16_patches_t(x, ks))(x)
+  want = _xla(monkeypatch, lambda: jax.jit(lambda x: layers._bf16_patches_t(x, ks))(x))
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_patches_under_vmap(native_on, monkeypatch):
+  # Searches vmap whole models: the leading vmap axis reaches the kernels as a batch dimension.
+  xs = _bf16((3, 2, 6, 5, 4))
+  for fn in (lambda x: layers._bf16_patches(x, (3, 3)), lambda x: layers._bf16_patches_t(x, (3, 3))):
+    got = jax.jit(jax.vmap(fn))(xs)
+    want = _xla(monkeypatch, lambda: jnp.stack([jax.jit(fn)(x) for x in xs]))
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_conv_gemm_bf16_uses_native_patches_and_matches_xla_patches(native_on, monkeypatch):
+  calls = []
+  for name in ("patches", "patches_t"):
+    real = getattr(native, name)
+    monkeypatch.setattr(native, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+  x, kernel, g = (jax.random.normal(jax.random.key(i), s) for i, s in
+                  enumerate([(2, 8, 8, 6), (3, 3, 6, 5), (2, 8, 8, 5)]))
+  run = lambda: jax.jit(lambda x, k, g: jax.vjp(layers.conv_gemm_bf16, x, k)[1](g))(x, kernel, g)
+  got = run()
+  assert sorted(set(calls)) == ["patches", "patches_t"]
+  calls.clear()
+  want = _xla(monkeypatch, run)
+  assert not calls
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_bilinear_equals_xla_resampling(native_on, monkeypatch):
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 12, 10, 2)), jnp.float32)
+  rng = np.random.default_rng(1)
+  src_y = jnp.asarray(rng.uniform(-3, 15, (8, 12, 10)), jnp.float32)  # includes out-of-image
+  src_x = jnp.asarray(rng.uniform(-3, 13, (8, 12, 10)), jnp.float32)
+  got = jax.jit(augment._bilinear)(images, src_y, src_x)
+  want = _xla(monkeypatch, lambda: jax.jit(augment._bilinear)(images, src_y, src_x))
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-3)  # float rounding on a 0..255 scale
+  # On the pixel grid it is a pure copy (clamped at the edges): exact.
+  yy, xx = jnp.meshgrid(jnp.arange(12.0) - 1, jnp.arange(10.0) + 1, indexing="ij")
+  shifted = native.bilinear(images, jnp.broadcast_to(yy, src_y.shape), jnp.broadcast_to(xx, src_x.shape))
+  want = images[:, np.clip(np.arange(12) - 1, 0, 11)][:, :, np.clip(np.arange(10) + 1, 0, 9)]
+  np.testing.assert_array_equal(shifted, want)
+
+
+def test_augment_uses_native_resampling(native_on, monkeypatch):
+  calls = []
+  real = native.bilinear
+  monkeypatch.setattr(native, "bilinear", lambda *a: calls.append(1) or real(*a))
+  cfg = type("Cfg", (), dict(flip=False, rotate_degrees=10.0, shift_fraction=0.1,
+                             zoom_fraction=0.1, crop_padding=0, erase_prob=0.0))()
+  images = jnp.full((2, 8, 8, 1), 7.0)
+  out = jax.jit(lambda k, x: augment.augment(k, x, cfg))(jax.random.key(0), images)
+  assert calls and np.allclose(out, 7.0)  # a constant image stays constant
+
+
+def test_kernel_rejects_a_wrong_output_size(native_on):
+  x = _bf16((2, 4, 4, 2))
+  call = jax.ffi.ffi_call("fer_patches", jax.ShapeDtypeStruct((5, 7), jnp.bfloat16))
+  with pytest.raises(Exception, match="output size does not match"):
+    jax.block_until_ready(call(x, kh=np.int64(3), kw=np.int64(3), pt=np.int64(1), pl=np.int64(1)))
+  with pytest.raises(ValueError, match="doesn't keep the size"):
+    native.patches(x, (3, 3), [(0, 0), (1, 1)])
+
+
+def test_build_writes_the_library_atomically(tmp_path):
+  if not HAVE_COMPILER:
+    pytest.skip("no C++ compiler")
+  path = native.build(tmp_path / "sub" / "lib.so")
+  assert path.exists() and [p.name for p in path.parent.iterdir()] == ["lib.so"]
+
+
+def test_failed_build_warns_falls_back_and_leaves_nothing(tmp_path, monkeypatch):
+  fake = tmp_path / "broken-c++"
+  fake.write_text("#!/bin/sh\necho 'broken-c++: internal error' >&2\nexit 3\n")
+  fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+  monkeypatch.setenv("CXX", str(fake))
+  monkeypatch.setenv("FER_NATIVE_CACHE", str(tmp_path / "cache"))
+  native._load.cache_clear()
+  try:
+    with pytest.warns(UserWarning, match="broken-c\\+\\+: internal error"):
+      assert not native.available()
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written library left behind
+    # The XLA versions take over: a convolution still runs and is correct.
+    x, kernel = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 1))
+    np.testing.assert_allclose(layers.conv_gemm_bf16(x, kernel)[0, 1, 1, 0], 18.0)
+  finally:
+    native._load.cache_clear()
+
+
+def test_missing_compiler_is_named(tmp_path, monkeypatch):
+  monkeypatch.delenv("CXX", raising=False)
+  monkeypatch.setattr(shutil, "which", lambda name: None)
+  with pytest.raises(RuntimeError, match="no C\\+\\+ compiler.*g\\+\\+"):
+    native.build(tmp_path / "lib.so")
+  assert not os.path.exists(tmp_path / "lib.so")
