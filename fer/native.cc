@@ -104,14 +104,22 @@ ffi::Error Patches(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyB
       for (int64_t y = 0; y < H; ++y)
         for (int64_t xx = 0; xx < W; ++xx) {
           uint16_t* o = dst + ((n * H + y) * W + xx) * K;
-          for (int64_t i = 0; i < kh; ++i) {
+          const bool inside_x = xx - pl >= 0 && xx - pl + kw <= W;
+          for (int64_t i = 0; i < kh; ++i, o += kw * C) {
             const int64_t yy = y + i - pt;
-            for (int64_t j = 0; j < kw; ++j, o += C) {
-              const int64_t x2 = xx + j - pl;
-              if (yy < 0 || yy >= H || x2 < 0 || x2 >= W)
-                std::memset(o, 0, C * 2);
-              else
-                std::memcpy(o, s + (yy * W + x2) * C, C * 2);
+            if (yy < 0 || yy >= H) {
+              std::fill(o, o + kw * C, uint16_t{0});
+            } else if (inside_x) {  // the kw pixels of this kernel row are adjacent in x
+              const uint16_t* row = s + (yy * W + xx - pl) * C;
+              std::copy(row, row + kw * C, o);
+            } else {
+              for (int64_t j = 0; j < kw; ++j) {
+                const int64_t x2 = xx + j - pl;
+                if (x2 < 0 || x2 >= W)
+                  std::fill(o + j * C, o + (j + 1) * C, uint16_t{0});
+                else
+                  std::copy(s + (yy * W + x2) * C, s + (yy * W + x2 + 1) * C, o + j * C);
+              }
             }
           }
         }
