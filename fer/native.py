@@ -86,7 +86,11 @@ def _load() -> bool:
   try:
     if not path.exists():
       build(path)
-    lib = ctypes.cdll.LoadLibrary(str(path))
+    try:
+      lib = ctypes.cdll.LoadLibrary(str(path))
+    except OSError:  # a damaged cached copy (not one of ours: builds are atomic): build anew
+      build(path)
+      lib = ctypes.cdll.LoadLibrary(str(path))
   except (RuntimeError, OSError) as e:
     warnings.warn(f"fer: native CPU kernels unavailable, using XLA's (slower): {e}")
     return False

@@ -132,6 +132,19 @@ def test_build_writes_the_library_atomically(tmp_path):
   assert path.exists() and [p.name for p in path.parent.iterdir()] == ["lib.so"]
 
 
+def test_a_damaged_cached_library_is_rebuilt(tmp_path, monkeypatch):
+  if not HAVE_COMPILER:
+    pytest.skip("no C++ compiler")
+  monkeypatch.setenv("FER_NATIVE_CACHE", str(tmp_path))
+  native.library_path().write_bytes(b"not a shared library")
+  native._load.cache_clear()
+  try:
+    assert native.available()
+    assert native.library_path().read_bytes()[:4] == b"\x7fELF"
+  finally:
+    native._load.cache_clear()
+
+
 def test_failed_build_warns_falls_back_and_leaves_nothing(tmp_path, monkeypatch):
   fake = tmp_path / "broken-c++"
   fake.write_text("#!/bin/sh\necho 'broken-c++: internal error' >&2\nexit 3\n")
