@@ -66,13 +66,12 @@ def conv_rows(batch: int):
         impls["gemm_bf16"] = (layers.conv_gemm_bf16, True)
     timing, outputs = {}, {}
     for name, (conv, use_native) in impls.items():
-      os.environ["FER_NO_NATIVE"] = "0" if use_native else "1"  # read when traced: fresh jits
       loss = lambda x, k, conv=conv: jnp.vdot(conv(x, k), g)
-      timing[name] = (median_ms(jax.jit(lambda x, k, conv=conv: conv(x, k)), x, k),
-                      median_ms(jax.jit(jax.value_and_grad(loss, (0, 1))), x, k))
-      outputs[name] = jax.jit(lambda x, k, loss=loss, conv=conv: (
-          conv(x, k), *jax.grad(loss, (0, 1))(x, k)))(x, k)
-    os.environ.pop("FER_NO_NATIVE")
+      with native.use(use_native):  # read when traced: fresh jits
+        timing[name] = (median_ms(jax.jit(lambda x, k, conv=conv: conv(x, k)), x, k),
+                        median_ms(jax.jit(jax.value_and_grad(loss, (0, 1))), x, k))
+        outputs[name] = jax.jit(lambda x, k, loss=loss, conv=conv: (
+            conv(x, k), *jax.grad(loss, (0, 1))(x, k)))(x, k)
     err = "-"
     if "gemm_bf16" in outputs:
       err = max(float(jnp.abs(a - b).max() / jnp.abs(b).max())
@@ -130,13 +129,12 @@ def bilinear_rows(batch: int):
   src = [jnp.asarray(rng.uniform(-2, 50, (batch, 48, 48)), jnp.float32) for _ in range(2)]
   rows = []
   for name, use_native in (("XLA (4 gathers)", False), ("fer.native (C++ FFI)", True)):
-    os.environ["FER_NO_NATIVE"] = "0" if use_native else "1"
     if use_native and not native.available():
       continue
-    ms = median_ms(jax.jit(lambda *a: augment._bilinear(*a)), images, *src)
+    with native.use(use_native):
+      ms = median_ms(jax.jit(lambda *a: augment._bilinear(*a)), images, *src)
     rows.append(f"| {name} | {ms:.2f} |")
     print(rows[-1], flush=True)
-  os.environ.pop("FER_NO_NATIVE")
   return rows
 
 
@@ -227,7 +225,8 @@ def step_rows():
       continue
     ms, faults = map(float, _run_step(impl, tuned, use_native, augment=aug,
                                       xla_bilinear=xla_bilinear)[-1].split())
-    natives = ("patches" + (", resampling" if aug and not xla_bilinear else "")) if use_native else "off"
+    natives = "off" if not use_native else (
+        "patches" + (", resampling" if aug and not xla_bilinear else ""))
     rows.append(f"| {impl} | {on_off(tuned)} | {natives} | {on_off(aug)} | "
                 f"{ms:.1f} | {64 / ms * 1e3:.0f} | {faults:,.0f} |")
     print(rows[-1], flush=True)

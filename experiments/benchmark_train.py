@@ -20,7 +20,6 @@ input keys, or $FER2013_ARCHIVE / $FER_DATA_DIR.
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from configs import common
 from experiments import study
 from fer import augment as augment_lib
 from fer import input_pipeline
+from fer import native
 from fer import optim
 from fer import train
 from fer.models import build_model
@@ -143,11 +143,10 @@ def main(argv):
       ("JAX, fer default fast path (+ fer.native C++ patches and resampling)", {}, True)):
     for aug_name, aug in (("off", NO_AUGMENT), ("on", AUGMENT)):
       c = _with(config, {**overrides, **aug})
-      os.environ["FER_NO_NATIVE"] = "0" if use_native else "1"  # read when the step is traced
-      rate = images_per_second(c, data, _EPOCHS.value)
+      with native.use(use_native):  # read when the step is traced
+        rate = images_per_second(c, data, _EPOCHS.value)
       rows.append((name, aug_name, rate))
       print(f"{name}, augmentation {aug_name}: {rate:.0f} images/s", flush=True)
-  os.environ.pop("FER_NO_NATIVE")
   if _KERAS.value:
     with tempfile.TemporaryDirectory() as tmp:
       npz = pathlib.Path(tmp) / "train.npz"

@@ -19,6 +19,7 @@ Results don't depend on which is used: the patches are bit-identical, so trainin
 is the same fp32 formula, equal to float rounding (< 2e-3 on the 0..255 pixel scale).
 """
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -62,8 +63,8 @@ def build(path: Path) -> Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
   os.close(fd)
-  cmd = [cxx, "-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
-         str(SOURCE), "-o", tmp]
+  cmd = [cxx, "-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w",
+         f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
@@ -99,6 +100,21 @@ def _load() -> bool:
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
       _registered.add(name)
   return True
+
+
+@contextlib.contextmanager
+def use(enabled: bool):
+  """Within the block, code traced afresh uses the native kernels (enabled) or XLA's: sets
+  FER_NO_NATIVE and restores it after (benchmarks compare both in one process)."""
+  saved = os.environ.get("FER_NO_NATIVE")
+  os.environ["FER_NO_NATIVE"] = "0" if enabled else "1"
+  try:
+    yield
+  finally:
+    if saved is None:
+      os.environ.pop("FER_NO_NATIVE")
+    else:
+      os.environ["FER_NO_NATIVE"] = saved
 
 
 def available() -> bool:

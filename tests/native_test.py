@@ -25,9 +25,8 @@ def native_on():
   assert native.available(), "fer.native failed to build or load (see the warning)"
 
 
-def _xla(monkeypatch, fn, *args):
-  with monkeypatch.context() as m:
-    m.setenv("FER_NO_NATIVE", "1")
+def _xla(fn, *args):
+  with native.use(False):
     assert not native.available()
     return fn(*args)
 
@@ -51,25 +50,26 @@ SHAPES = [  # (x shape, kernel size)
 
 
 @pytest.mark.parametrize("shape,ks", SHAPES)
-def test_patches_equal_xla_bit_for_bit(native_on, monkeypatch, shape, ks):
+def test_patches_equal_xla_bit_for_bit(native_on, shape, ks):
   x = _bf16(shape)
   flipped = [(hi, lo) for lo, hi in layers._same_padding(ks)]  # the input gradient's padding
   for padding in (None, flipped):
     got = jax.jit(lambda x: layers._bf16_patches(x, ks, padding))(x)
-    want = _xla(monkeypatch, lambda: jax.jit(lambda x: layers._bf16_patches(x, ks, padding))(x))
+    want = _xla(lambda: jax.jit(lambda x: layers._bf16_patches(x, ks, padding))(x))
     assert got.shape == want.shape and got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
   got = jax.jit(lambda x: layers._bf16_patches_t(x, ks))(x)
-  want = _xla(monkeypatch, lambda: jax.jit(lambda x: layers._bf16_patches_t(x, ks))(x))
+  want = _xla(lambda: jax.jit(lambda x: layers._bf16_patches_t(x, ks))(x))
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
-def test_patches_under_vmap(native_on, monkeypatch):
+def test_patches_under_vmap(native_on):
   # Searches vmap whole models: the leading vmap axis reaches the kernels as a batch dimension.
   xs = _bf16((3, 2, 6, 5, 4))
-  for fn in (lambda x: layers._bf16_patches(x, (3, 3)), lambda x: layers._bf16_patches_t(x, (3, 3))):
+  for fn in (lambda x: layers._bf16_patches(x, (3, 3)),
+             lambda x: layers._bf16_patches_t(x, (3, 3))):
     got = jax.jit(jax.vmap(fn))(xs)
-    want = _xla(monkeypatch, lambda: jnp.stack([jax.jit(fn)(x) for x in xs]))
+    want = _xla(lambda: jnp.stack([jax.jit(fn)(x) for x in xs]))
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
@@ -77,30 +77,32 @@ def test_conv_gemm_bf16_uses_native_patches_and_matches_xla_patches(native_on, m
   calls = []
   for name in ("patches", "patches_t"):
     real = getattr(native, name)
-    monkeypatch.setattr(native, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    monkeypatch.setattr(native, name,
+                        lambda *a, real=real, name=name: calls.append(name) or real(*a))
   x, kernel, g = (jax.random.normal(jax.random.key(i), s) for i, s in
                   enumerate([(2, 8, 8, 6), (3, 3, 6, 5), (2, 8, 8, 5)]))
   run = lambda: jax.jit(lambda x, k, g: jax.vjp(layers.conv_gemm_bf16, x, k)[1](g))(x, kernel, g)
   got = run()
   assert sorted(set(calls)) == ["patches", "patches_t"]
   calls.clear()
-  want = _xla(monkeypatch, run)
+  want = _xla(run)
   assert not calls
   for a, b in zip(got, want):
     np.testing.assert_array_equal(a, b)
 
 
-def test_bilinear_equals_xla_resampling(native_on, monkeypatch):
+def test_bilinear_equals_xla_resampling(native_on):
   images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 12, 10, 2)), jnp.float32)
   rng = np.random.default_rng(1)
   src_y = jnp.asarray(rng.uniform(-3, 15, (8, 12, 10)), jnp.float32)  # includes out-of-image
   src_x = jnp.asarray(rng.uniform(-3, 13, (8, 12, 10)), jnp.float32)
   got = jax.jit(augment._bilinear)(images, src_y, src_x)
-  want = _xla(monkeypatch, lambda: jax.jit(augment._bilinear)(images, src_y, src_x))
+  want = _xla(lambda: jax.jit(augment._bilinear)(images, src_y, src_x))
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-3)  # float rounding on a 0..255 scale
   # On the pixel grid it is a pure copy (clamped at the edges): exact.
   yy, xx = jnp.meshgrid(jnp.arange(12.0) - 1, jnp.arange(10.0) + 1, indexing="ij")
-  shifted = native.bilinear(images, jnp.broadcast_to(yy, src_y.shape), jnp.broadcast_to(xx, src_x.shape))
+  shifted = native.bilinear(images, jnp.broadcast_to(yy, src_y.shape),
+                            jnp.broadcast_to(xx, src_x.shape))
   want = images[:, np.clip(np.arange(12) - 1, 0, 11)][:, :, np.clip(np.arange(10) + 1, 0, 9)]
   np.testing.assert_array_equal(shifted, want)
 
@@ -169,3 +171,14 @@ def test_missing_compiler_is_named(tmp_path, monkeypatch):
   with pytest.raises(RuntimeError, match="no C\\+\\+ compiler.*g\\+\\+"):
     native.build(tmp_path / "lib.so")
   assert not os.path.exists(tmp_path / "lib.so")
+
+
+def test_use_sets_and_restores_the_switch(monkeypatch):
+  monkeypatch.delenv("FER_NO_NATIVE", raising=False)
+  with native.use(False):
+    assert os.environ["FER_NO_NATIVE"] == "1" and not native.available()
+  assert "FER_NO_NATIVE" not in os.environ
+  monkeypatch.setenv("FER_NO_NATIVE", "1")
+  with native.use(True):
+    assert os.environ["FER_NO_NATIVE"] == "0"
+  assert os.environ["FER_NO_NATIVE"] == "1"
