@@ -5,7 +5,7 @@
 ~1.3x faster. `bilinear` is the drop-in for fer.augment's four-gather resampling.
 They are XLA FFI calls into a small C++ library that this module compiles on first use with the
 system's C++ compiler (g++ -O3, ~5 s) against the FFI headers that jaxlib ships, and caches at
-  $FER_NATIVE_CACHE, else ~/.cache/fer/native
+  $FER_NATIVE_CACHE, else ~/.cache/fer/native (a per-user temp dir if that isn't writable)
 under a name made of the source's sha256, the jaxlib version and the CPU architecture, so an
 edit or an upgrade rebuilds it. The build targets the architecture's baseline (no
 -march=native), so a shared home directory serves every machine of that architecture. It
@@ -42,7 +42,18 @@ TARGETS = {"fer_patches": "FerPatches", "fer_patches_t": "FerPatchesT",
 
 
 def cache_dir() -> Path:
-  return Path(os.environ.get("FER_NATIVE_CACHE") or Path.home() / ".cache" / "fer" / "native")
+  """$FER_NATIVE_CACHE; else ~/.cache/fer/native, or a per-user temp dir where that can't be
+  written (a read-only home)."""
+  if os.environ.get("FER_NATIVE_CACHE"):
+    return Path(os.environ["FER_NATIVE_CACHE"])
+  home = Path.home() / ".cache" / "fer" / "native"
+  try:
+    home.mkdir(parents=True, exist_ok=True)
+    if os.access(home, os.W_OK):
+      return home
+  except OSError:
+    pass
+  return Path(tempfile.gettempdir()) / f"fer-native-{os.getuid()}"
 
 
 def library_path() -> Path:

@@ -165,6 +165,16 @@ def test_failed_build_warns_falls_back_and_leaves_nothing(tmp_path, monkeypatch)
     native._load.cache_clear()
 
 
+def test_cache_falls_back_to_a_temp_dir_when_home_is_unwritable(tmp_path, monkeypatch):
+  monkeypatch.delenv("FER_NATIVE_CACHE", raising=False)
+  not_a_dir = tmp_path / "home"
+  not_a_dir.write_text("a file where a home directory should be")
+  monkeypatch.setattr(native.Path, "home", staticmethod(lambda: not_a_dir))
+  assert native.cache_dir().parent == native.Path(native.tempfile.gettempdir())
+  monkeypatch.setenv("FER_NATIVE_CACHE", str(tmp_path / "mine"))
+  assert native.cache_dir() == tmp_path / "mine"
+
+
 def test_missing_compiler_is_named(tmp_path, monkeypatch):
   monkeypatch.delenv("CXX", raising=False)
   monkeypatch.setattr(shutil, "which", lambda name: None)
