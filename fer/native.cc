@@ -5,8 +5,7 @@
 // turns into copies when they change the element width; these kernels write the patches in one
 // pass at memory speed (3-4x faster per layer, the whole training step ~1.25x on a 2-core CPU:
 // experiments/benchmark_conv.py). They only move 16-bit words, so the result is bit-identical to
-// the XLA version (tests/layers_test.py).
-//
+// the XLA version (tests/native_test.py).
 //
 // x: [B..., N, H, W, C] of 16-bit words (leading dims B... come from jax.vmap, "broadcast_all").
 // fer_patches:   out [B..., N*H*W, kh*kw*C]   (row (n, y, x), column (i, j, c) like HWIO)
@@ -14,9 +13,10 @@
 // Stride 1; zero padding `pt` rows above and `pl` columns left, the rest below/right so that the
 // output keeps H x W.
 //
-// 2. Bilinear resampling for fer/augment.py's random affine transforms: XLA:CPU's four gathers
-// cost ~1 ms each per batch of 64 faces, this loop ~0.1 ms in all. Same formula, same fp32
-// operation order (built with -ffp-contract=off, so no fused multiply-adds).
+// 2. Bilinear resampling for fer/augment.py's random affine transforms, in place of XLA:CPU's
+// four gathers: about as fast alone (0.4 ms for 64 faces), ~4 ms less inside the training step
+// (experiments/results/benchmark_conv.md). Same formula, same fp32 operation order (built with
+// -ffp-contract=off, so no fused multiply-adds).
 // fer_bilinear: images [B..., H, W, C] f32, src_y, src_x [B..., H, W] f32 (where each output
 // pixel samples; clamped to the image) -> out [B..., H, W, C] f32.
 

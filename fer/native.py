@@ -66,7 +66,7 @@ def compiler() -> str | None:
 
 
 def build(path: Path) -> Path:
-  """Compiles patches.cc into `path` (atomically). Raises RuntimeError naming the failure."""
+  """Compiles native.cc into `path` (atomically). Raises RuntimeError naming the failure."""
   cxx = compiler()
   if cxx is None:
     raise RuntimeError("no C++ compiler found (set $CXX or install g++, e.g. "
@@ -129,7 +129,7 @@ def use(enabled: bool):
 
 
 def available() -> bool:
-  """True when the native patches can be used here (see the module doc)."""
+  """True when the native kernels can be used here (see the module doc)."""
   if os.environ.get("FER_NO_NATIVE", "") not in ("", "0"):
     return False
   return jax.default_backend() == "cpu" and jax.device_count() == 1 and _load()
