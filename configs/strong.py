@@ -11,8 +11,9 @@ Ensemble of several finished runs (each with its own --config.seed):
   python -m fer.ensemble --workdirs=runs/strong_s0,runs/strong_s1,runs/strong_s2 --out=runs/strong_ens
 
 Accuracy and time of each run, with its command and machine: the README's results table
-(experiments/results/strong*/): 72.1% +- 0.1% PrivateTest over 3 seeds, 73.1% for their
-ensemble. Expected time for the default 100 epochs:
+(experiments/results/strong*/): 71.9% +- 0.4% PrivateTest over 4 seeds, 72.8% for their
+ensemble; 30 and 50 epochs (--config.train.num_epochs) give 62.5% and 68.0%.
+Expected time for the default 100 epochs:
 - one GPU (H100): 39,147 training images/s (experiments/results/benchmark_train_gpu.md), so
   about 75 s of training steps plus about a minute of compiling; the measured runs took 5 min
   each while sharing the GPU with up to 8 other runs.
