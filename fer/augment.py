@@ -120,6 +120,35 @@ def augment(rng, images, cfg):
   return images
 
 
+def _log_gamma(rng, shape_param, proposals: int = 16):
+  """log of one Gamma(shape_param) sample, shape_param > 0, with a fixed amount of work.
+
+  Marsaglia and Tsang's method for shape a + 1 >= 1 (each proposal is accepted with probability
+  >= 0.95, so all 16 fail with probability < 1e-20, when the mean is returned), boosted to shape
+  a by U^(1/a). jax.random.gamma/beta loop until acceptance (a while loop); on a GPU each
+  iteration waits for the host, which made mixup/cutmix steps 2-4x slower than plain ones on a
+  shared H200. This is the same distribution as a straight-line program.
+  """
+  k_norm, k_accept, k_boost = jax.random.split(rng, 3)
+  d = shape_param + 1.0 - 1.0 / 3.0
+  c = 1.0 / jnp.sqrt(9.0 * d)
+  x = jax.random.normal(k_norm, (proposals,))
+  v = (1.0 + c * x) ** 3
+  log_u = jnp.log(jax.random.uniform(k_accept, (proposals,), minval=1e-12))
+  safe_v = jnp.where(v > 0, v, 1.0)
+  accepted = (v > 0) & (log_u < 0.5 * x * x + d - d * safe_v + d * jnp.log(safe_v))
+  first = jnp.argmax(accepted)  # the first accepted proposal (0 if none: then use the mean)
+  log_g = jnp.where(accepted.any(), jnp.log(d * safe_v[first]), jnp.log(d))
+  log_boost = jnp.log(jax.random.uniform(k_boost, minval=1e-12)) / shape_param
+  return log_g + log_boost
+
+
+def beta(rng, a, b):
+  """One Beta(a, b) sample (a, b > 0) as a straight-line program: no while loop (_log_gamma)."""
+  k_a, k_b = jax.random.split(rng)
+  return jax.nn.sigmoid(_log_gamma(k_a, a) - _log_gamma(k_b, b))
+
+
 def mix(rng, images, targets, cfg):
   """Mixup (alpha = cfg.mixup_alpha) or cutmix (cfg.cutmix_alpha; when both are set, each batch
   picks one at random) of images [N, H, W, C] and probability targets [N, K]."""
@@ -131,12 +160,12 @@ def mix(rng, images, targets, cfg):
   n, h, w, _ = images.shape
 
   def mixup():
-    lam = jax.random.beta(k_mixup, cfg.mixup_alpha, cfg.mixup_alpha)
+    lam = beta(k_mixup, cfg.mixup_alpha, cfg.mixup_alpha)
     return lam * images + (1 - lam) * other_images, lam
 
   def cutmix():
     k_lam, k_pos = jax.random.split(k_cutmix)
-    lam = jax.random.beta(k_lam, cfg.cutmix_alpha, cfg.cutmix_alpha)
+    lam = beta(k_lam, cfg.cutmix_alpha, cfg.cutmix_alpha)
     ch, cw = jnp.sqrt(1 - lam) * h, jnp.sqrt(1 - lam) * w
     centre = jax.random.uniform(k_pos, (2,)) * jnp.array([h, w])
     y0, y1 = jnp.clip(centre[0] - ch / 2, 0, h), jnp.clip(centre[0] + ch / 2, 0, h)
