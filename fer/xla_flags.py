@@ -8,6 +8,9 @@ Two things, both only when the default backend will be the CPU:
     every step page-faults all of that memory in again (~23,000 minor faults a step, ~20% of the
     step time). One arena, no mmap and no trimming keep freed memory in the process for the next
     step (then ~100 faults a step). The cost: the process keeps its peak memory until it exits.
+    "No trimming" is M_TRIM_THRESHOLD=-1 (never), not its largest int (2 GiB): configs/strong.py
+    at batch 128 frees over 2 GiB at the top of the heap each step, which a 2 GiB threshold gave
+    back, to fault ~1.2 GB in again every step (~300,000 faults, 1.3 -> 2.0 s a step).
 
 Call `configure_cpu_defaults()` at the top of an entry point, before the first JAX computation
 (XLA reads XLA_FLAGS once, when the backend initialises; later calls change nothing). On a GPU/TPU
@@ -34,7 +37,7 @@ CPU_FLAGS: Sequence[str] = ()
 # glibc mallopt parameters (malloc.h): one arena for all threads, never mmap, never trim, grow
 # the heap 256 MiB at a time. See the module doc for why; experiments/results/cpu_step_study.md.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -4, -8
-MALLOC_OPTIONS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1),
+MALLOC_OPTIONS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1),
                   (M_TOP_PAD, 256 << 20))
 
 

@@ -43,8 +43,9 @@ def test_nothing_off_cpu_or_when_disabled(env):
   assert env.tuned == []
 
 
-# Allocates and frees 64 MiB twice; prints the page faults of the second round. glibc's default
-# serves such a block by mmap and unmaps it on free, so the second round faults it all in again.
+# Allocates and frees `size` bytes twice; prints the page faults of the second round. glibc's
+# default serves such a block by mmap and unmaps it on free, so the second round faults it all in
+# again; so does a heap trimmed on free (any block above the trim threshold).
 _FAULTS = textwrap.dedent("""
     import ctypes, resource, sys
     sys.path.insert(0, {root!r})
@@ -52,11 +53,12 @@ _FAULTS = textwrap.dedent("""
     if sys.argv[1] == "tuned":
       assert xla_flags.keep_freed_memory()
     libc = ctypes.CDLL("libc.so.6")
-    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
-    size = 64 << 20
+    size = int(sys.argv[2])
     def touch():
       p = libc.malloc(size)
+      assert p, "malloc failed"
       ctypes.memset(p, 1, size)
       libc.free(p)
     touch()
@@ -69,8 +71,17 @@ _FAULTS = textwrap.dedent("""
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_keep_freed_memory_stops_page_faults_on_reuse():
   script = _FAULTS.format(root=ROOT)
-  faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], check=True,
-                                     capture_output=True, text=True).stdout)
+  faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode, str(64 << 20)],
+                                     check=True, capture_output=True, text=True).stdout)
             for mode in ("default", "tuned")}
   assert faults["default"] > 8000  # 64 MiB / 4 KiB pages = 16384 faults
   assert faults["tuned"] < 1000
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_keep_freed_memory_keeps_blocks_over_2gib():
+  """A block above 2 GiB (the largest int trim threshold) stays in the process too: the strong
+  config frees that much at the top of the heap every step."""
+  out = subprocess.run([sys.executable, "-c", _FAULTS.format(root=ROOT), "tuned",
+                        str((2 << 30) + (256 << 20))], check=True, capture_output=True, text=True)
+  assert int(out.stdout) < 1000  # a trimmed heap would fault ~590,000 pages in again
