@@ -64,14 +64,19 @@ def conv_rows(batch: int):
       impls["gemm_bf16, XLA patches"] = (layers.conv_gemm_bf16, False)
       if native.available():
         impls["gemm_bf16"] = (layers.conv_gemm_bf16, True)
+    elif cin == 1 and native.available():  # the first layer: fer.native's fp32 kernels
+      zero_bias = jnp.zeros((cout,), jnp.float32)
+      impls["gemm_bf16"] = (lambda x, k: layers.conv_c1_native(x, k, zero_bias), True)
+    # The first layer's input is data: training needs only its weight gradient.
+    wrt = (1,) if cin == 1 else (0, 1)
     timing, outputs = {}, {}
     for name, (conv, use_native) in impls.items():
       loss = lambda x, k, conv=conv: jnp.vdot(conv(x, k), g)
       with native.use(use_native):  # read when traced: fresh jits
         timing[name] = (median_ms(jax.jit(lambda x, k, conv=conv: conv(x, k)), x, k),
-                        median_ms(jax.jit(jax.value_and_grad(loss, (0, 1))), x, k))
+                        median_ms(jax.jit(jax.value_and_grad(loss, wrt)), x, k))
         outputs[name] = jax.jit(lambda x, k, loss=loss, conv=conv: (
-            conv(x, k), *jax.grad(loss, (0, 1))(x, k)))(x, k)
+            conv(x, k), *jax.grad(loss, wrt)(x, k)))(x, k)
     err = "-"
     if "gemm_bf16" in outputs:
       err = max(float(jnp.abs(a - b).max() / jnp.abs(b).max())
@@ -251,7 +256,9 @@ def main():
            f"`python {' '.join(sys.argv)}`", "",
            f"## Per layer, batch {args.batch}, median ms", "",
            "gemm_bf16 is the default: its patches from fer.native's C++ kernels; the columns "
-           "before it build the same patches with XLA (FER_NO_NATIVE=1).", "",
+           "before it build the same patches with XLA (FER_NO_NATIVE=1). The 1-channel first "
+           "layer keeps fp32: gemm_bf16 is fer.native's fp32 convolution kernels there, and its "
+           "grads are the weight gradient only (its input is data).", "",
            "| layer | GFLOP fwd | xla fwd | xla fwd+grads | gemm_bf16, XLA patches fwd "
            "| gemm_bf16, XLA patches fwd+grads | gemm_bf16 fwd | gemm_bf16 fwd+grads "
            "| speed-up vs xla (fwd+grads) | max rel. error vs fp32 |",

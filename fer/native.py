@@ -1,8 +1,11 @@
-"""Native CPU kernels (native.cc beside this file): patch extraction and bilinear resampling.
+"""Native CPU kernels (native.cc beside this file): patch extraction, bilinear resampling, and the
+1-channel first convolution layer.
 
 `patches` and `patches_t` are drop-ins for fer.models.layers' XLA patch builders, bit for bit,
 2-4x faster (experiments/results/benchmark_conv.md); they make the default CPU training step
-~1.3x faster. `bilinear` is the drop-in for fer.augment's four-gather resampling.
+~1.3x faster. `bilinear` is the drop-in for fer.augment's four-gather resampling. `conv_c1` and
+`conv_c1_grads` are the fp32 forward pass (with the bias) and weight and bias gradients of a SAME convolution of a
+1-channel image (the first layer of every fer CNN), equal to XLA's to float rounding.
 They are XLA FFI calls into a small C++ library that this module compiles on first use with the
 system's C++ compiler (g++ -O3, ~5 s) against the FFI headers that jaxlib ships, and caches at
   $FER_NATIVE_CACHE, else ~/.cache/fer/native (a per-user temp dir if that isn't writable)
@@ -16,7 +19,8 @@ build fails (one warning names the command and its error), the default backend i
 JAX has more than one device (XLA would run a custom call unsharded), or FER_NO_NATIVE=1.
 Results don't depend on which is used: the patches are bit-identical, so training is too
 (3 epochs of configs/cnn.py: the same losses and accuracies to the last digit); the resampling
-is the same fp32 formula, equal to float rounding (< 2e-3 on the 0..255 pixel scale).
+is the same fp32 formula, equal to float rounding (< 2e-3 on the 0..255 pixel scale), and so is
+the first layer's convolution (a different summation order than XLA's).
 """
 
 import contextlib
@@ -38,7 +42,8 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("native.cc")
 TARGETS = {"fer_patches": "FerPatches", "fer_patches_t": "FerPatchesT",
-           "fer_bilinear": "FerBilinear"}
+           "fer_bilinear": "FerBilinear", "fer_conv_c1": "FerConvC1",
+           "fer_conv_c1_wgrad": "FerConvC1Wgrad"}
 
 
 def cache_dir() -> Path:
@@ -163,3 +168,28 @@ def bilinear(images: jax.Array, src_y: jax.Array, src_x: jax.Array) -> jax.Array
   return jax.ffi.ffi_call("fer_bilinear", jax.ShapeDtypeStruct(images.shape, jnp.float32),
                           vmap_method="broadcast_all")(
       images.astype(jnp.float32), src_y.astype(jnp.float32), src_x.astype(jnp.float32))
+
+
+def _pads(kernel_shape):
+  kh, kw = kernel_shape[:2]
+  return np.int64((kh - 1) // 2), np.int64((kw - 1) // 2)  # SAME (layers._same_padding)
+
+
+def conv_c1(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """SAME, stride-1 fp32 convolution of 1-channel images x [N, H, W, 1] with kernel
+  [kh, kw, 1, O], plus bias [O] -> [N, H, W, O]."""
+  pt, pl = _pads(kernel.shape)
+  return jax.ffi.ffi_call("fer_conv_c1",
+                          jax.ShapeDtypeStruct(x.shape[:-1] + kernel.shape[-1:], jnp.float32),
+                          vmap_method="broadcast_all")(
+      x.astype(jnp.float32), kernel.astype(jnp.float32), bias.astype(jnp.float32), pt=pt, pl=pl)
+
+
+def conv_c1_grads(x: jax.Array, g: jax.Array, kernel_shape) -> tuple[jax.Array, jax.Array]:
+  """The kernel and bias gradients of conv_c1 for the output gradient g [N, H, W, O]:
+  ([kh, kw, 1, O], [O])."""
+  pt, pl = _pads(kernel_shape)
+  out = (jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32),
+         jax.ShapeDtypeStruct(tuple(kernel_shape[-1:]), jnp.float32))
+  return jax.ffi.ffi_call("fer_conv_c1_wgrad", out, vmap_method="broadcast_all")(
+      x.astype(jnp.float32), g.astype(jnp.float32), pt=pt, pl=pl)

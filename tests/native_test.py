@@ -127,6 +127,77 @@ def test_kernel_rejects_a_wrong_output_size(native_on):
     native.patches(x, (3, 3), [(0, 0), (1, 1)])
 
 
+def _conv_c1_reference(x, kernel, bias):
+  return layers.conv_xla(x, kernel) + bias
+
+
+@pytest.mark.parametrize("x_shape,kernel_shape", [
+    ((4, 48, 48, 1), (3, 3, 1, 32)),  # the first layer of the study's CNNs
+    ((2, 9, 7, 1), (3, 3, 1, 64)),    # the strong config's width, odd image sides
+    ((2, 6, 5, 1), (5, 3, 1, 7)),     # generic channel count, non-square kernel
+    ((3, 6, 6, 1), (2, 2, 1, 5)),     # even kernel: SAME's extra pixel goes after
+])
+def test_conv_c1_and_its_gradients_equal_xla(native_on, x_shape, kernel_shape):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(0, 255, x_shape), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=kernel_shape[-1:]), jnp.float32)
+  g = jnp.asarray(rng.normal(size=x_shape[:-1] + kernel_shape[-1:]), jnp.float32)
+  got_y, got_vjp = jax.vjp(layers.conv_c1_native, x, kernel, bias)
+  want_y, want_vjp = jax.vjp(_conv_c1_reference, x, kernel, bias)
+  np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5 * float(jnp.abs(want_y).max()))
+  for got, want in zip(got_vjp(g), want_vjp(g)):  # dx (by XLA), dkernel, dbias
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_conv_c1_under_vmap_uses_each_models_weights(native_on):
+  # The search vmaps stacked models: each leading index has its own kernel and bias.
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.uniform(0, 255, (3, 2, 8, 8, 1)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 1, 32)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(3, 32)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(3, 2, 8, 8, 32)), jnp.float32)
+  run = lambda fn: jax.jit(jax.vmap(lambda x, k, b, g: (fn(x, k, b),
+                                                        jax.vjp(fn, x, k, b)[1](g)[1:])))
+  got, want = run(layers.conv_c1_native)(x, kernel, bias, g), run(_conv_c1_reference)(
+      x, kernel, bias, g)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_first_conv_layer_uses_conv_c1_only_when_native(native_on, monkeypatch):
+  calls = []
+  real = native.conv_c1
+  monkeypatch.setattr(native, "conv_c1", lambda *a: calls.append(1) or real(*a))
+  x = jnp.asarray(np.random.default_rng(2).uniform(0, 255, (2, 8, 8, 1)), jnp.float32)
+  for use_bias in (True, False):
+    layer = layers.Conv2D(16, impl="gemm_bf16", use_bias=use_bias,
+                          bias_init=jax.nn.initializers.normal(1.0))
+    variables = layer.init(jax.random.key(0), x)
+    calls.clear()
+    got = jax.jit(layer.apply)(variables, x)
+    assert calls
+    calls.clear()
+    want = _xla(lambda: jax.jit(layer.apply)(variables, x))
+    assert not calls
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+  # bfloat16 compute keeps XLA's convolution
+  layer = layers.Conv2D(16, impl="gemm_bf16", dtype=jnp.bfloat16)
+  jax.jit(layer.apply)(layer.init(jax.random.key(0), x), x)
+  assert not calls
+
+
+def test_conv_c1_rejects_mismatched_shapes(native_on):
+  x = jnp.zeros((2, 6, 6, 1))
+  call = jax.ffi.ffi_call("fer_conv_c1", jax.ShapeDtypeStruct((2, 6, 6, 8), jnp.float32))
+  with pytest.raises(Exception, match="bias or output size does not match"):
+    jax.block_until_ready(call(x, jnp.zeros((3, 3, 1, 8)), jnp.zeros((5,)), pt=np.int64(1),
+                               pl=np.int64(1)))
+  with pytest.raises(Exception, match=r"expected x \[..., N, H, W, 1\]"):
+    jax.block_until_ready(call(jnp.zeros((2, 6, 6, 2)), jnp.zeros((3, 3, 1, 8)),
+                               jnp.zeros((8,)), pt=np.int64(1), pl=np.int64(1)))
+
+
 def test_build_writes_the_library_atomically(tmp_path):
   if not HAVE_COMPILER:
     pytest.skip("no C++ compiler")
