@@ -6,13 +6,14 @@ The in-process parts run with fer.xla_flags' malloc tuning on, as fer.main does.
 1. Each 3x3 convolution of the reference CNN (configs/reference_net.py) at batch 64: forward,
    and forward + both gradients, for `xla` (lax.conv, fp32; XLA:CPU runs it through YNNPACK)
    and `gemm_bf16` (fer/models/layers.py: bf16 im2col + one bf16 matmul per pass) with XLA's
-   patches and with fer.native's, with the relative error of gemm_bf16 against fp32.
+   patches and with fer.native's, with the relative error of gemm_bf16 against fp32; for the
+   1-channel first layer, gemm_bf16 is fer.native's fp32 kernels (forward + weight gradient).
 2. One matmul with fp32 and with bf16 inputs.
 3. The copy that builds the patches: XLA's, as bfloat16 and as the same bits in uint32, and
    fer.native's C++ kernel; then the augmentation's bilinear resampling, XLA vs fer.native.
 4. One jitted training step of the reference CNN (adam, batch 64, one step per dispatch) in a
-   fresh process with and without the malloc tuning, fer.native and the study's augmentation
-   (with the resampling by XLA or by fer.native): milliseconds and minor page faults per step
+   fresh process with and without the malloc tuning, fer.native (patches and first conv layer)
+   and the study's augmentation (with the resampling by XLA or by fer.native): milliseconds and minor page faults per step
    (the best of 3 blocks of 20 steps); then a profile of the default step by kind of op.
 """
 
@@ -152,7 +153,7 @@ import jax, jax.numpy as jnp, numpy as np, optax, types
 from configs import common
 from fer import augment
 from fer.models import cnn
-if {xla_bilinear!r}:  # fer.native for the patches only
+if {xla_bilinear!r}:  # fer.native for the patches and the first conv layer only
   augment.native = types.SimpleNamespace(available=lambda: False)
 aug_cfg = common.apply_study_augmentation(common.base()).augment
 model = cnn.CNN(conv_impl={impl!r})
@@ -196,7 +197,8 @@ if {profile!r}:
     if e.get("ph") != "X" or name.startswith("$") or "Thunk" in name or "Slinky" in name:
       continue
     kind = ("matmuls and convolutions (YNNPACK)" if name.startswith("ynn_fusion") else
-            "fer.native patches (FFI calls)" if name.startswith("ffi_call") else
+            "fer.native kernels (FFI calls: patches, first conv layer, resampling)"
+            if name.startswith("ffi_call") else
             "patch copies, bitcasts, pads, transposes" if re.search(
                 "concatenate|stack|bitcast|pad|copy|transpose|slice", name) else
             "everything else (pooling, ReLU, bias, loss, adam)")
@@ -231,7 +233,7 @@ def step_rows():
     ms, faults = map(float, _run_step(impl, tuned, use_native, augment=aug,
                                       xla_bilinear=xla_bilinear)[-1].split())
     natives = "off" if not use_native else (
-        "patches" + (", resampling" if aug and not xla_bilinear else ""))
+        "patches, conv1" + (", resampling" if aug and not xla_bilinear else ""))
     rows.append(f"| {impl} | {on_off(tuned)} | {natives} | {on_off(aug)} | "
                 f"{ms:.1f} | {64 / ms * 1e3:.0f} | {faults:,.0f} |")
     print(rows[-1], flush=True)

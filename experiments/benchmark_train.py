@@ -7,9 +7,9 @@ r"""CPU/GPU training throughput over whole epochs on the real FER2013 training s
       --keras_python=/tmp/tfenv/bin/python --out=experiments/results/benchmark_train.md
       the side-by-side table, in one run on one machine: the plain JAX step (XLA convolutions and
       pooling, one step per dispatch), the project's fast path in stages (fp32 XLA convs; bf16
-      matmul convs with XLA's patches; the default, with fer.native's C++ patches and bilinear
-      resampling), each without and with augmentation, and, where a Python with TensorFlow is
-      given, the same network in Keras.
+      matmul convs with XLA's patches; the default, with fer.native's C++ patches, first conv
+      layer and bilinear resampling), each without and with augmentation, and, where a Python
+      with TensorFlow is given, the same network in Keras.
 
   python experiments/benchmark_train.py --config=configs/augment.py --batch_sizes=64,256 \
       --max_images=8192 --out=experiments/results/benchmark_configs.md
@@ -140,7 +140,8 @@ def main(argv):
       ("JAX, plain step (XLA conv + pool, 1 step/dispatch)", BASELINE, False),
       ("JAX, fer fast path with exact fp32 XLA convs", FP32_CONVS, False),
       ("JAX, fer fast path, bf16-matmul convs with XLA's patches (FER_NO_NATIVE=1)", {}, False),
-      ("JAX, fer default fast path (+ fer.native C++ patches and resampling)", {}, True)):
+      ("JAX, fer default fast path (+ fer.native C++ patches, first conv layer and resampling)",
+       {}, True)):
     for aug_name, aug in (("off", NO_AUGMENT), ("on", AUGMENT)):
       c = _with(config, {**overrides, **aug})
       with native.use(use_native):  # read when the step is traced

@@ -237,7 +237,8 @@ ffi::Error Bilinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> images,
 }
 
 // The hot loops, compiled for AVX-512, AVX2 and the baseline; the loader picks one per CPU.
-// Lanes run over output channels only, so every version gives the same bits.
+// Vector lanes run over output channels only, so every version does the same float operations
+// in the same order (and -ffp-contract=off rules out fused multiply-adds).
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
 #define FER_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
