@@ -13,8 +13,9 @@ The in-process parts run with fer.xla_flags' malloc tuning on, as fer.main does.
    fer.native's C++ kernel; then the augmentation's bilinear resampling, XLA vs fer.native.
 4. One jitted training step of the reference CNN (adam, batch 64, one step per dispatch) in a
    fresh process with and without the malloc tuning, fer.native (patches and first conv layer)
-   and the study's augmentation (with the resampling by XLA or by fer.native): milliseconds and minor page faults per step
-   (the best of 3 blocks of 20 steps); then a profile of the default step by kind of op.
+   and the study's augmentation (with the resampling by XLA or by fer.native): milliseconds
+   and minor page faults per step (the best of 3 blocks of 20 steps); then a profile of the
+   default step by kind of op.
 """
 
 import argparse

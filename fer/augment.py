@@ -124,10 +124,10 @@ def _log_gamma(rng, shape_param, proposals: int = 16):
   """log of one Gamma(shape_param) sample, shape_param > 0, with a fixed amount of work.
 
   Marsaglia and Tsang's method for shape a + 1 >= 1 (each proposal is accepted with probability
-  >= 0.95, so all 16 fail with probability < 1e-20, when the mean is returned), boosted to shape
-  a by U^(1/a). jax.random.gamma/beta loop until acceptance (a while loop); on a GPU each
-  iteration waits for the host, which made mixup/cutmix steps 2-4x slower than plain ones on a
-  shared H200. This is the same distribution as a straight-line program.
+  >= 0.95, so all 16 fail with probability < 1e-20; then d = a + 2/3, near the mode, stands in),
+  boosted to shape a by U^(1/a). jax.random.gamma/beta loop until acceptance (a while loop); on
+  a GPU each iteration waits for the host, which made mixup/cutmix steps 2-4x slower than plain
+  ones on a shared H200. This is the same distribution as a straight-line program.
   """
   k_norm, k_accept, k_boost = jax.random.split(rng, 3)
   d = shape_param + 1.0 - 1.0 / 3.0

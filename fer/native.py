@@ -4,8 +4,9 @@
 `patches` and `patches_t` are drop-ins for fer.models.layers' XLA patch builders, bit for bit,
 2-4x faster (experiments/results/benchmark_conv.md); they make the default CPU training step
 ~1.3x faster. `bilinear` is the drop-in for fer.augment's four-gather resampling. `conv_c1` and
-`conv_c1_grads` are the fp32 forward pass (with the bias) and weight and bias gradients of a SAME convolution of a
-1-channel image (the first layer of every fer CNN), equal to XLA's to float rounding.
+`conv_c1_grads` are the fp32 forward pass (with the bias) and the weight and bias gradients of a
+SAME convolution of a 1-channel image (the first layer of every fer CNN), equal to XLA's to float
+rounding.
 They are XLA FFI calls into a small C++ library that this module compiles on first use with the
 system's C++ compiler (g++ -O3, ~5 s) against the FFI headers that jaxlib ships, and caches at
   $FER_NATIVE_CACHE, else ~/.cache/fer/native (a per-user temp dir if that isn't writable)

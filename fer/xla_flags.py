@@ -10,7 +10,7 @@ Two things, both only when the default backend will be the CPU:
     step (then ~100 faults a step). The cost: the process keeps its peak memory until it exits.
     "No trimming" is M_TRIM_THRESHOLD=-1 (never), not its largest int (2 GiB): configs/strong.py
     at batch 128 frees over 2 GiB at the top of the heap each step, which a 2 GiB threshold gave
-    back, to fault ~1.2 GB in again every step (~300,000 faults, 1.3 -> 2.0 s a step).
+    back, to fault ~1.2 GB in again every step (~300,000 faults; 1.6-2.6 s a step instead of 1.3).
 
 Call `configure_cpu_defaults()` at the top of an entry point, before the first JAX computation
 (XLA reads XLA_FLAGS once, when the backend initialises; later calls change nothing). On a GPU/TPU

@@ -19,7 +19,7 @@ the lowering (configs say `auto`: `resolve_conv_impl` makes it gemm_bf16 on CPU,
           Layers with an odd number of input channels keep `xla` (their patches can't use the
           32-bit copy below), except the 1-channel first layer in fp32 where fer.native builds:
           its forward pass and weight gradient are then C++ kernels (fp32, equal to XLA's to
-          float rounding; ~3 ms less of the reference CNN's ~61 ms step).
+          float rounding; the reference CNN's step 61 -> 56 ms, experiments/benchmark_conv.py).
           Patches come from fer.native's C++ kernels where they build (one pass at memory
           speed, 3-4x faster than XLA's; the step ~1.3x), else from XLA, copied as 16/32-bit
           integers: XLA:CPU's concatenate of bfloat16 runs at ~0.7 GB/s, of the same bits as
