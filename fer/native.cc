@@ -239,7 +239,8 @@ ffi::Error Bilinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> images,
 // The hot loops, compiled for AVX-512, AVX2 and the baseline; the loader picks one per CPU.
 // Vector lanes run over output channels only, so every version does the same float operations
 // in the same order (and -ffp-contract=off rules out fused multiply-adds).
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && \
+    !defined(__clang__)  // target_clones needs ifunc (glibc)
 #define FER_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define FER_CLONES
