@@ -137,7 +137,7 @@ def _log_gamma(rng, shape_param, proposals: int = 16):
   log_u = jnp.log(jax.random.uniform(k_accept, (proposals,), minval=1e-12))
   safe_v = jnp.where(v > 0, v, 1.0)
   accepted = (v > 0) & (log_u < 0.5 * x * x + d - d * safe_v + d * jnp.log(safe_v))
-  first = jnp.argmax(accepted)  # the first accepted proposal (0 if none: then use the mean)
+  first = jnp.argmax(accepted)  # the first accepted proposal (0 if none: then d)
   log_g = jnp.where(accepted.any(), jnp.log(d * safe_v[first]), jnp.log(d))
   log_boost = jnp.log(jax.random.uniform(k_boost, minval=1e-12)) / shape_param
   return log_g + log_boost

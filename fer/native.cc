@@ -42,6 +42,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -315,6 +316,20 @@ struct ConvC1Shape {
   int64_t batches, images, h, w, kh, kw, o;  // images per batch (B... x N = batches x images)
 };
 
+// Calls f(O, KH, KW) with the compile-time sizes of a specialised shape (3x3 kernels to 32 or 64
+// channels: the study's first layers), else with (0, 0, 0): the kernels' run-time-size path.
+template <typename F>
+void WithFixedShape(const ConvC1Shape& s, F&& f) {
+  using Fixed = std::integral_constant<int64_t, 0>;
+  using Three = std::integral_constant<int64_t, 3>;
+  if (s.kh == 3 && s.kw == 3 && s.o == 32)
+    f(std::integral_constant<int64_t, 32>(), Three(), Three());
+  else if (s.kh == 3 && s.kw == 3 && s.o == 64)
+    f(std::integral_constant<int64_t, 64>(), Three(), Three());
+  else
+    f(Fixed(), Fixed(), Fixed());
+}
+
 ffi::Error CheckConvC1(const ffi::Buffer<ffi::F32>& x, dims_t w_dims, int64_t w_count,
                        int64_t pt, int64_t pl, ConvC1Shape& s, const char* what) {
   auto xd = x.dimensions();
@@ -365,12 +380,9 @@ ffi::Error ConvC1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
       const float* wb = ws + batch * s.kh * s.kw * s.o;
       const float* bb = bs + batch * s.o;
       float* yn = ys + n * HW * s.o;
-      if (s.kh == 3 && s.kw == 3 && s.o == 32)
-        ConvC1Image<32, 3, 3>(xp.data(), wb, bb, yn, s.h, s.w, 3, 3, 32);
-      else if (s.kh == 3 && s.kw == 3 && s.o == 64)
-        ConvC1Image<64, 3, 3>(xp.data(), wb, bb, yn, s.h, s.w, 3, 3, 64);
-      else
-        ConvC1Image<0, 0, 0>(xp.data(), wb, bb, yn, s.h, s.w, s.kh, s.kw, s.o);
+      WithFixedShape(s, [&](auto O, auto KH, auto KW) {
+        ConvC1Image<O(), KH(), KW()>(xp.data(), wb, bb, yn, s.h, s.w, s.kh, s.kw, s.o);
+      });
     }
   });
   return ffi::Error::Success();
@@ -398,13 +410,10 @@ ffi::Error ConvC1Wgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     for (int64_t n = n0; n < n1; ++n) {
       PadImage(xs + n * HW, xp.data(), s.h, s.w, s.kh, s.kw, pt, pl);
       float* dwn = partial.data() + n * KB;
-      if (s.kh == 3 && s.kw == 3 && s.o == 32)
-        ConvC1WgradImage<32, 3, 3>(xp.data(), gs + n * HW * s.o, dwn, dwn + K, s.h, s.w, 3, 3, 32);
-      else if (s.kh == 3 && s.kw == 3 && s.o == 64)
-        ConvC1WgradImage<64, 3, 3>(xp.data(), gs + n * HW * s.o, dwn, dwn + K, s.h, s.w, 3, 3, 64);
-      else
-        ConvC1WgradImage<0, 0, 0>(xp.data(), gs + n * HW * s.o, dwn, dwn + K, s.h, s.w, s.kh,
-                                  s.kw, s.o);
+      WithFixedShape(s, [&](auto O, auto KH, auto KW) {
+        ConvC1WgradImage<O(), KH(), KW()>(xp.data(), gs + n * HW * s.o, dwn, dwn + K, s.h, s.w,
+                                          s.kh, s.kw, s.o);
+      });
     }
   });
   for (int64_t b = 0; b < s.batches; ++b) {

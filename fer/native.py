@@ -141,13 +141,20 @@ def available() -> bool:
   return jax.default_backend() == "cpu" and jax.device_count() == 1 and _load()
 
 
-def _call(target, out_shape, x, kernel_size, padding):
+def _pad_attrs(kernel_size, padding) -> dict:
+  """The kernels' padding attributes (top, left) for padding [(top, bottom), (left, right)],
+  which must keep the image size."""
   (kh, kw), ((pt, pb), (pl, pr)) = kernel_size, padding
   if pt + pb != kh - 1 or pl + pr != kw - 1:
     raise ValueError(f"padding {padding} doesn't keep the size for kernel {kernel_size}")
+  return dict(pt=np.int64(pt), pl=np.int64(pl))
+
+
+def _call(target, out_shape, x, kernel_size, padding):
+  kh, kw = kernel_size
   return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, x.dtype),
                           vmap_method="broadcast_all")(
-      x, kh=np.int64(kh), kw=np.int64(kw), pt=np.int64(pt), pl=np.int64(pl))
+      x, kh=np.int64(kh), kw=np.int64(kw), **_pad_attrs(kernel_size, padding))
 
 
 def patches(x: jax.Array, kernel_size, padding) -> jax.Array:
@@ -171,26 +178,20 @@ def bilinear(images: jax.Array, src_y: jax.Array, src_x: jax.Array) -> jax.Array
       images.astype(jnp.float32), src_y.astype(jnp.float32), src_x.astype(jnp.float32))
 
 
-def _pads(kernel_shape):
-  kh, kw = kernel_shape[:2]
-  return np.int64((kh - 1) // 2), np.int64((kw - 1) // 2)  # SAME (layers._same_padding)
-
-
-def conv_c1(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-  """SAME, stride-1 fp32 convolution of 1-channel images x [N, H, W, 1] with kernel
-  [kh, kw, 1, O], plus bias [O] -> [N, H, W, O]."""
-  pt, pl = _pads(kernel.shape)
+def conv_c1(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding) -> jax.Array:
+  """Stride-1, size-keeping fp32 convolution of 1-channel images x [N, H, W, 1] with kernel
+  [kh, kw, 1, O], plus bias [O] -> [N, H, W, O]; padding [(top, bottom), (left, right)]."""
   return jax.ffi.ffi_call("fer_conv_c1",
                           jax.ShapeDtypeStruct(x.shape[:-1] + kernel.shape[-1:], jnp.float32),
                           vmap_method="broadcast_all")(
-      x.astype(jnp.float32), kernel.astype(jnp.float32), bias.astype(jnp.float32), pt=pt, pl=pl)
+      x.astype(jnp.float32), kernel.astype(jnp.float32), bias.astype(jnp.float32),
+      **_pad_attrs(kernel.shape[:2], padding))
 
 
-def conv_c1_grads(x: jax.Array, g: jax.Array, kernel_shape) -> tuple[jax.Array, jax.Array]:
+def conv_c1_grads(x: jax.Array, g: jax.Array, kernel_shape, padding) -> tuple[jax.Array, jax.Array]:
   """The kernel and bias gradients of conv_c1 for the output gradient g [N, H, W, O]:
   ([kh, kw, 1, O], [O])."""
-  pt, pl = _pads(kernel_shape)
   out = (jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32),
          jax.ShapeDtypeStruct(tuple(kernel_shape[-1:]), jnp.float32))
   return jax.ffi.ffi_call("fer_conv_c1_wgrad", out, vmap_method="broadcast_all")(
-      x.astype(jnp.float32), g.astype(jnp.float32), pt=pt, pl=pl)
+      x.astype(jnp.float32), g.astype(jnp.float32), **_pad_attrs(kernel_shape[:2], padding))

@@ -537,7 +537,7 @@ def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, mode
       "device_count": len(devices),
       "platform": devices[0].platform,
       "conv_impl": getattr(model, "conv_impl", None),  # model.conv_impl=auto, resolved
-      "native_kernels": native.available(),  # fer.native's C++ patches/resampling (CPU only)
+      "native_kernels": native.available(),  # fer.native's C++ kernels (CPU only)
       "git_commit": git_commit(),
       **split_metrics["val"], **split_metrics["test"],
   }

@@ -165,17 +165,17 @@ def conv_c1_native(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Arra
   """conv_xla(x, kernel) + bias for a 1-channel fp32 input: forward pass, weight and bias
   gradients by fer.native's C++ kernels (module doc); the input gradient, rarely needed (the
   input is data), by XLA."""
-  return native.conv_c1(x, kernel, bias)
+  return _conv_c1_native_fwd(x, kernel, bias)[0]
 
 
 def _conv_c1_native_fwd(x, kernel, bias):
-  return native.conv_c1(x, kernel, bias), (x, kernel)
+  return native.conv_c1(x, kernel, bias, _same_padding(kernel.shape[:2])), (x, kernel)
 
 
 def _conv_c1_native_bwd(res, g):
   x, kernel = res
   dx = jax.vjp(lambda x: conv_xla(x, kernel), x)[1](g)[0]  # dead code when x is data
-  dk, db = native.conv_c1_grads(x, g, kernel.shape)
+  dk, db = native.conv_c1_grads(x, g, kernel.shape, _same_padding(kernel.shape[:2]))
   return dx, dk, db
 
 
