@@ -32,6 +32,19 @@
 // Each B... index uses its own w and b (vmapped models). Taps are summed in row-major order from
 // 0, then b is added (no fused multiply-adds): equal to XLA's convolution + bias to float
 // rounding.
+//
+// 4. The first block of a CNN without batch norm, fused: the convolution above, 2x2/stride-2 max
+// pooling (VALID: an odd last row/column is dropped) and the ReLU, fp32. Unfused, the first
+// layer's 64x48x48x32 activation is written, pooled, and its gradient (zeros but for one pixel
+// per window) written and read again: ~5 ms of the reference CNN's 55 ms step. Here the forward
+// pass writes the pooled values and, per output, the position of the window's first maximum
+// (row-major 0..3, the tie rule of nn.max_pool's select-and-scatter), or 4 where no gradient
+// flows (a NaN maximum, or one <= 0 under the ReLU); the weight gradient routes the output
+// gradient through those positions pixel by pixel. Bit for bit the same as fer_conv_c1, the
+// reshape max pool and fer_conv_c1_wgrad of the routed gradient.
+// fer_conv_c1_pool:       x, w, b as fer_conv_c1 -> y [B..., N, H/2, W/2, O] f32 and pos (same
+//                         shape) s8; attr relu: y = max(maximum, 0), no gradient at 0
+// fer_conv_c1_pool_wgrad: x, pos, g [B..., N, H/2, W/2, O] -> dw, db as fer_conv_c1_wgrad
 
 #include <algorithm>
 #include <atomic>
@@ -247,49 +260,121 @@ ffi::Error Bilinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> images,
 #define FER_CLONES
 #endif
 
-// One image: y[(r*W + c)*O + o] = b[o] + sum_{i,j} xp[(r+i)*Wp + c+j] * w[(i*kw + j)*O + o], xp
-// the zero-padded image [H+kh-1, W+kw-1]. With KH, KW, O known at compile time the whole kernel
-// can stay in vector registers across pixels; else (0, 0, 0) the sizes come at run time.
+// The 2x2 max pool of four same-size channel vectors (the window's pixels in row-major order)
+// into y, and into pos the position (0..3) of the first maximum: nn.max_pool's tie rule. A NaN
+// anywhere wins, as in XLA's max (then no position equals it: pos 4, no gradient). With relu,
+// y = max(maximum, 0) and pos 4 where the maximum is <= 0 (jax.nn.relu's gradient rule).
+// Branch-free selects, so the channel loop vectorises (built with -fno-trapping-math).
+__attribute__((always_inline)) inline void PoolSelect(
+    const float* __restrict p0, const float* __restrict p1, const float* __restrict p2,
+    const float* __restrict p3, float* __restrict y, int8_t* __restrict pos, int64_t C,
+    bool relu) {
+  for (int64_t ch = 0; ch < C; ++ch) {
+    const float v0 = p0[ch], v1 = p1[ch], v2 = p2[ch], v3 = p3[ch];
+    float m = v1 > v0 ? v1 : v0;
+    m = v2 > m ? v2 : m;
+    m = v3 > m ? v3 : m;
+    const bool nan = (v0 != v0) | (v1 != v1) | (v2 != v2) | (v3 != v3);
+    const float any = v0 + v1 + v2 + v3;  // NaN where nan
+    m = nan ? any : m;
+    int32_t k = v3 == m ? 3 : 4;
+    k = v2 == m ? 2 : k;
+    k = v1 == m ? 1 : k;
+    k = v0 == m ? 0 : k;
+    if (relu) {
+      const bool positive = m > 0.0f;
+      k = positive ? k : 4;
+      m = positive | nan ? m : 0.0f;
+    }
+    y[ch] = m;
+    pos[ch] = static_cast<int8_t>(k);
+  }
+}
+
+// One output pixel (r, c) of an image's convolution: out[o] = b[o] + sum_{i,j}
+// xp[(r+i)*Wp + c+j] * w[(i*kw + j)*O + o], xp the zero-padded image [H+kh-1, W+kw-1]. With KH,
+// KW, O known at compile time the whole kernel can stay in vector registers across pixels; else
+// (0, 0, 0) the sizes come at run time.
 template <int64_t O, int64_t KH, int64_t KW>
-FER_CLONES void ConvC1Image(const float* xp, const float* w, const float* b, float* y, int64_t H,
-                            int64_t W, int64_t kh_dyn, int64_t kw_dyn, int64_t o_dyn) {
+__attribute__((always_inline)) inline void ConvC1Pixel(const float* xp, const float* w,
+                                                       const float* b, float* out, int64_t r,
+                                                       int64_t c, int64_t Wp, int64_t kh_dyn,
+                                                       int64_t kw_dyn, int64_t o_dyn) {
   constexpr bool kFixed = O > 0 && KH > 0 && KW > 0;
   const int64_t n_out = kFixed ? O : o_dyn, kh = kFixed ? KH : kh_dyn, kw = kFixed ? KW : kw_dyn;
-  const int64_t Wp = W + kw - 1;
+  float acc[kFixed ? O : 1024];
+  for (int64_t o = 0; o < n_out; ++o) acc[o] = 0.0f;
+  for (int64_t i = 0; i < kh; ++i)
+    for (int64_t j = 0; j < kw; ++j) {
+      const float v = xp[(r + i) * Wp + c + j];
+      const float* wt = w + (i * kw + j) * n_out;
+      for (int64_t o = 0; o < n_out; ++o) acc[o] += v * wt[o];
+    }
+  for (int64_t o = 0; o < n_out; ++o) out[o] = acc[o] + b[o];
+}
+
+// One image's convolution y [H, W, O].
+template <int64_t O, int64_t KH, int64_t KW>
+FER_CLONES void ConvC1Image(const float* xp, const float* w, const float* b, float* y, int64_t H,
+                            int64_t W, int64_t kh, int64_t kw, int64_t n_out) {
   for (int64_t r = 0; r < H; ++r)
-    for (int64_t c = 0; c < W; ++c) {
-      float acc[kFixed ? O : 1024];
-      for (int64_t o = 0; o < n_out; ++o) acc[o] = 0.0f;
-      for (int64_t i = 0; i < kh; ++i)
-        for (int64_t j = 0; j < kw; ++j) {
-          const float v = xp[(r + i) * Wp + c + j];
-          const float* wt = w + (i * kw + j) * n_out;
-          for (int64_t o = 0; o < n_out; ++o) acc[o] += v * wt[o];
-        }
-      float* out = y + (r * W + c) * n_out;
-      for (int64_t o = 0; o < n_out; ++o) out[o] = acc[o] + b[o];
+    for (int64_t c = 0; c < W; ++c)
+      ConvC1Pixel<O, KH, KW>(xp, w, b, y + (r * W + c) * n_out, r, c, W + kw - 1, kh, kw, n_out);
+}
+
+// One image's convolution, 2x2 max pool (and relu): y, pos [H/2, W/2, O]. The same pixel values
+// as ConvC1Image (bit for bit), the same pooling as MaxPool, without writing the full-size
+// activation.
+template <int64_t O, int64_t KH, int64_t KW>
+FER_CLONES void ConvC1PoolImage(const float* xp, const float* w, const float* b, float* y,
+                                int8_t* pos, int64_t H, int64_t W, int64_t kh, int64_t kw,
+                                int64_t n_out, bool relu) {
+  constexpr bool kFixed = O > 0 && KH > 0 && KW > 0;
+  const int64_t Ho = H / 2, Wo = W / 2, Wp = W + kw - 1;
+  float q[4][kFixed ? O : 1024];
+  for (int64_t r2 = 0; r2 < Ho; ++r2)
+    for (int64_t c2 = 0; c2 < Wo; ++c2) {
+      for (int64_t k = 0; k < 4; ++k)
+        ConvC1Pixel<O, KH, KW>(xp, w, b, q[k], 2 * r2 + k / 2, 2 * c2 + k % 2, Wp, kh, kw, n_out);
+      const int64_t at = (r2 * Wo + c2) * n_out;
+      PoolSelect(q[0], q[1], q[2], q[3], y + at, pos + at, n_out, relu);
     }
 }
 
-// One image's weight gradient: dw[(i*kw + j)*O + o] = sum_{r,c} xp[(r+i)*Wp + c+j] * g[(r*W+c)*O+o]
-// and bias gradient db[o] = sum_{r,c} g[(r*W+c)*O+o] (pixels in row-major order). With the
+// One image's weight gradient: dw[(i*kw + j)*O + o] = sum_{r,c} xp[(r+i)*Wp + c+j] * d[(r*W+c)*O+o]
+// and bias gradient db[o] = sum_{r,c} d[(r*W+c)*O+o] (pixels in row-major order), where d, the
+// convolution's output gradient, is g [H, W, O] (pos null) or comes from a fused 2x2 max pool:
+// g [H/2, W/2, O] routed by pos (d = MaxPoolGrad's dx, bit for bit, never written out). With the
 // kernel size and O known at compile time (KH, KW, O > 0) the sums live in local arrays that the
 // compiler keeps in vector registers; else (0, 0, 0) they accumulate in dw and db.
 template <int64_t O, int64_t KH, int64_t KW>
-FER_CLONES void ConvC1WgradImage(const float* xp, const float* g, float* dw, float* db,
-                                 int64_t H, int64_t W, int64_t kh_dyn, int64_t kw_dyn,
+FER_CLONES void ConvC1WgradImage(const float* xp, const float* g, const int8_t* pos, float* dw,
+                                 float* db, int64_t H, int64_t W, int64_t kh_dyn, int64_t kw_dyn,
                                  int64_t o_dyn) {
   constexpr bool kFixed = O > 0 && KH > 0 && KW > 0;
   const int64_t n_out = kFixed ? O : o_dyn, kh = kFixed ? KH : kh_dyn, kw = kFixed ? KW : kw_dyn;
-  const int64_t Wp = W + kw - 1;
+  const int64_t Wp = W + kw - 1, Ho = H / 2, Wo = W / 2;
   float acc_local[kFixed ? KH * KW * O : 1], bacc_local[kFixed ? O : 1];
   float* acc = kFixed ? acc_local : dw;
   float* bacc = kFixed ? bacc_local : db;
+  float routed[kFixed ? O : 1024];
   for (int64_t t = 0; t < kh * kw * n_out; ++t) acc[t] = 0.0f;
   for (int64_t o = 0; o < n_out; ++o) bacc[o] = 0.0f;
   for (int64_t r = 0; r < H; ++r)
     for (int64_t c = 0; c < W; ++c) {
-      const float* gp = g + (r * W + c) * n_out;
+      const float* gp;
+      if (pos == nullptr) {
+        gp = g + (r * W + c) * n_out;
+      } else {
+        if (r < 2 * Ho && c < 2 * Wo) {
+          const int8_t k = static_cast<int8_t>(2 * (r % 2) + c % 2);
+          const int64_t at = ((r / 2) * Wo + c / 2) * n_out;
+          for (int64_t o = 0; o < n_out; ++o) routed[o] = pos[at + o] == k ? g[at + o] : 0.0f;
+        } else {  // an odd last row or column: outside every window
+          for (int64_t o = 0; o < n_out; ++o) routed[o] = 0.0f;
+        }
+        gp = routed;
+      }
       for (int64_t o = 0; o < n_out; ++o) bacc[o] += gp[o];
       for (int64_t i = 0; i < kh; ++i)
         for (int64_t j = 0; j < kw; ++j) {
@@ -357,21 +442,25 @@ ffi::Error CheckConvC1(const ffi::Buffer<ffi::F32>& x, dims_t w_dims, int64_t w_
   return ffi::Error::Success();
 }
 
-ffi::Error ConvC1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                  ffi::Buffer<ffi::F32> b, ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t pt,
-                  int64_t pl) {
+// The forward pass, plain (pos null: y [..., N, H, W, O]) or with the 2x2 max pool (and relu)
+// fused in (y, pos [..., N, H/2, W/2, O]).
+ffi::Error ConvC1Forward(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
+                         const ffi::Buffer<ffi::F32>& w, const ffi::Buffer<ffi::F32>& b,
+                         float* ys, int64_t y_count, int8_t* ps, int64_t p_count, int64_t pt,
+                         int64_t pl, bool relu, const char* what) {
   ConvC1Shape s;
-  if (ffi::Error e = CheckConvC1(x, w.dimensions(), w.element_count(), pt, pl, s, "fer conv_c1");
+  if (ffi::Error e = CheckConvC1(x, w.dimensions(), w.element_count(), pt, pl, s, what);
       e.failure())
     return e;
   const int64_t total = s.batches * s.images, HW = s.h * s.w;
-  if (static_cast<int64_t>(y->element_count()) != total * HW * s.o ||
+  const int64_t out_pixels = ps == nullptr ? HW : (s.h / 2) * (s.w / 2);
+  if (y_count != total * out_pixels * s.o || (ps != nullptr && p_count != y_count) ||
       static_cast<int64_t>(b.element_count()) != s.batches * s.o)
-    return ffi::Error::InvalidArgument("fer conv_c1: bias or output size does not match x and w");
+    return ffi::Error::InvalidArgument(std::string(what) +
+                                       ": bias or output size does not match x and w");
   const float* xs = x.typed_data();
   const float* ws = w.typed_data();
   const float* bs = b.typed_data();
-  float* ys = y->typed_data();
   ParallelFor(pool, total, total * HW * s.o * 4, [&](int64_t n0, int64_t n1) {
     std::vector<float> xp((s.h + s.kh - 1) * (s.w + s.kw - 1));
     for (int64_t n = n0; n < n1; ++n) {
@@ -379,27 +468,51 @@ ffi::Error ConvC1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
       const int64_t batch = n / s.images;
       const float* wb = ws + batch * s.kh * s.kw * s.o;
       const float* bb = bs + batch * s.o;
-      float* yn = ys + n * HW * s.o;
+      float* yn = ys + n * out_pixels * s.o;
       WithFixedShape(s, [&](auto O, auto KH, auto KW) {
-        ConvC1Image<O(), KH(), KW()>(xp.data(), wb, bb, yn, s.h, s.w, s.kh, s.kw, s.o);
+        if (ps == nullptr)
+          ConvC1Image<O(), KH(), KW()>(xp.data(), wb, bb, yn, s.h, s.w, s.kh, s.kw, s.o);
+        else
+          ConvC1PoolImage<O(), KH(), KW()>(xp.data(), wb, bb, yn, ps + n * out_pixels * s.o,
+                                           s.h, s.w, s.kh, s.kw, s.o, relu);
       });
     }
   });
   return ffi::Error::Success();
 }
 
-ffi::Error ConvC1Wgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
-                       ffi::Result<ffi::Buffer<ffi::F32>> dw,
-                       ffi::Result<ffi::Buffer<ffi::F32>> db, int64_t pt, int64_t pl) {
+ffi::Error ConvC1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                  ffi::Buffer<ffi::F32> b, ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t pt,
+                  int64_t pl) {
+  return ConvC1Forward(pool, x, w, b, y->typed_data(), y->element_count(), nullptr, 0, pt, pl,
+                       false, "fer conv_c1");
+}
+
+ffi::Error ConvC1Pool(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::Buffer<ffi::F32> b, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                      ffi::Result<ffi::Buffer<ffi::S8>> pos, int64_t pt, int64_t pl,
+                      bool relu) {
+  return ConvC1Forward(pool, x, w, b, y->typed_data(), y->element_count(), pos->typed_data(),
+                       pos->element_count(), pt, pl, relu, "fer conv_c1_pool");
+}
+
+// The weight and bias gradients for the output gradient g, of the plain convolution (pos null,
+// g [..., N, H, W, O]) or of the fused pool (g, pos [..., N, H/2, W/2, O]).
+ffi::Error ConvC1Grads(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
+                       const ffi::Buffer<ffi::F32>& g, const int8_t* ps, int64_t p_count,
+                       ffi::Buffer<ffi::F32>& dw, ffi::Buffer<ffi::F32>& db, int64_t pt,
+                       int64_t pl, const char* what) {
   ConvC1Shape s;
-  if (ffi::Error e = CheckConvC1(x, dw->dimensions(), dw->element_count(), pt, pl, s,
-                                 "fer conv_c1_wgrad");
+  if (ffi::Error e = CheckConvC1(x, dw.dimensions(), dw.element_count(), pt, pl, s, what);
       e.failure())
     return e;
   const int64_t total = s.batches * s.images, HW = s.h * s.w, K = s.kh * s.kw * s.o;
-  if (static_cast<int64_t>(g.element_count()) != total * HW * s.o ||
-      static_cast<int64_t>(db->element_count()) != s.batches * s.o)
-    return ffi::Error::InvalidArgument("fer conv_c1_wgrad: g or db's size does not match x, dw");
+  const int64_t g_pixels = ps == nullptr ? HW : (s.h / 2) * (s.w / 2);
+  if (static_cast<int64_t>(g.element_count()) != total * g_pixels * s.o ||
+      (ps != nullptr && p_count != static_cast<int64_t>(g.element_count())) ||
+      static_cast<int64_t>(db.element_count()) != s.batches * s.o)
+    return ffi::Error::InvalidArgument(std::string(what) +
+                                       ": g, pos or db's size does not match x and dw");
   const float* xs = x.typed_data();
   const float* gs = g.typed_data();
   // One weight and bias gradient per image, [dw | db], summed in image order below.
@@ -410,15 +523,16 @@ ffi::Error ConvC1Wgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     for (int64_t n = n0; n < n1; ++n) {
       PadImage(xs + n * HW, xp.data(), s.h, s.w, s.kh, s.kw, pt, pl);
       float* dwn = partial.data() + n * KB;
+      const int8_t* pn = ps == nullptr ? nullptr : ps + n * g_pixels * s.o;
       WithFixedShape(s, [&](auto O, auto KH, auto KW) {
-        ConvC1WgradImage<O(), KH(), KW()>(xp.data(), gs + n * HW * s.o, dwn, dwn + K, s.h, s.w,
-                                          s.kh, s.kw, s.o);
+        ConvC1WgradImage<O(), KH(), KW()>(xp.data(), gs + n * g_pixels * s.o, pn, dwn, dwn + K,
+                                          s.h, s.w, s.kh, s.kw, s.o);
       });
     }
   });
   for (int64_t b = 0; b < s.batches; ++b) {
-    float* d = dw->typed_data() + b * K;
-    float* e = db->typed_data() + b * s.o;
+    float* d = dw.typed_data() + b * K;
+    float* e = db.typed_data() + b * s.o;
     std::fill(d, d + K, 0.0f);
     std::fill(e, e + s.o, 0.0f);
     for (int64_t n = b * s.images; n < (b + 1) * s.images; ++n) {
@@ -427,6 +541,20 @@ ffi::Error ConvC1Wgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     }
   }
   return ffi::Error::Success();
+}
+
+ffi::Error ConvC1Wgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                       ffi::Result<ffi::Buffer<ffi::F32>> dw,
+                       ffi::Result<ffi::Buffer<ffi::F32>> db, int64_t pt, int64_t pl) {
+  return ConvC1Grads(pool, x, g, nullptr, 0, *dw, *db, pt, pl, "fer conv_c1_wgrad");
+}
+
+ffi::Error ConvC1PoolWgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::S8> pos, ffi::Buffer<ffi::F32> g,
+                           ffi::Result<ffi::Buffer<ffi::F32>> dw,
+                           ffi::Result<ffi::Buffer<ffi::F32>> db, int64_t pt, int64_t pl) {
+  return ConvC1Grads(pool, x, g, pos.typed_data(), pos.element_count(), *dw, *db, pt, pl,
+                     "fer conv_c1_pool_wgrad");
 }
 
 }  // namespace
@@ -464,6 +592,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FerConvC1Wgrad, ConvC1Wgrad,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FerConvC1Pool, ConvC1Pool,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<bool>("relu"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FerConvC1PoolWgrad, ConvC1PoolWgrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

@@ -1,12 +1,14 @@
 """Native CPU kernels (native.cc beside this file): patch extraction, bilinear resampling, and the
-1-channel first convolution layer.
+1-channel first convolution layer (alone, or with its 2x2 max pool and ReLU).
 
 `patches` and `patches_t` are drop-ins for fer.models.layers' XLA patch builders, bit for bit,
 2-4x faster (experiments/results/benchmark_conv.md); they make the default CPU training step
 ~1.3x faster. `bilinear` is the drop-in for fer.augment's four-gather resampling. `conv_c1` and
 `conv_c1_grads` are the fp32 forward pass (with the bias) and the weight and bias gradients of a
 SAME convolution of a 1-channel image (the first layer of every fer CNN), equal to XLA's to float
-rounding.
+rounding. `conv_c1_pool` / `conv_c1_pool_grads` fuse conv_c1, layers.max_pool_2x2 and the ReLU
+(the first block of a CNN without batch norm), so that the full-size activation and its gradient
+are never written: the same bits as conv_c1, the pool and conv_c1_grads one after the other.
 They are XLA FFI calls into a small C++ library that this module compiles on first use with the
 system's C++ compiler (g++ -O3, ~5 s) against the FFI headers that jaxlib ships, and caches at
   $FER_NATIVE_CACHE, else ~/.cache/fer/native (a per-user temp dir if that isn't writable)
@@ -44,7 +46,8 @@ import numpy as np
 SOURCE = Path(__file__).with_name("native.cc")
 TARGETS = {"fer_patches": "FerPatches", "fer_patches_t": "FerPatchesT",
            "fer_bilinear": "FerBilinear", "fer_conv_c1": "FerConvC1",
-           "fer_conv_c1_wgrad": "FerConvC1Wgrad"}
+           "fer_conv_c1_wgrad": "FerConvC1Wgrad", "fer_conv_c1_pool": "FerConvC1Pool",
+           "fer_conv_c1_pool_wgrad": "FerConvC1PoolWgrad"}
 
 
 def cache_dir() -> Path:
@@ -62,8 +65,14 @@ def cache_dir() -> Path:
   return Path(tempfile.gettempdir()) / f"fer-native-{os.getuid()}"
 
 
+# -ffp-contract=off: no fused multiply-adds (the kernels' sums round like XLA's).
+# -fno-trapping-math: FP exception flags are never read, so selects between float compares
+# vectorise (the max pool); the values computed are the same.
+FLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
 def library_path() -> Path:
-  digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+  digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
   return cache_dir() / f"libfer_native-{digest}-jaxlib{jaxlib.__version__}-{platform.machine()}.so"
 
 
@@ -80,8 +89,7 @@ def build(path: Path) -> Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
   os.close(fd)
-  cmd = [cxx, "-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w",
-         f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+  cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
@@ -195,3 +203,29 @@ def conv_c1_grads(x: jax.Array, g: jax.Array, kernel_shape, padding) -> tuple[ja
          jax.ShapeDtypeStruct(tuple(kernel_shape[-1:]), jnp.float32))
   return jax.ffi.ffi_call("fer_conv_c1_wgrad", out, vmap_method="broadcast_all")(
       x.astype(jnp.float32), g.astype(jnp.float32), **_pad_attrs(kernel_shape[:2], padding))
+
+
+def conv_c1_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding,
+                 relu: bool = True) -> tuple[jax.Array, jax.Array]:
+  """relu(max_pool_2x2(conv_c1(x, kernel, bias, padding))) (no relu where relu=False) in one pass:
+  (y, pos) [N, H/2, W/2, O], pos the int8 window position (row-major 0..3) each output's gradient
+  goes to, 4 for none (a NaN maximum; under relu, a maximum <= 0)."""
+  n, h, w, _ = x.shape[-4:]
+  shape = (*x.shape[:-4], n, h // 2, w // 2, kernel.shape[-1])
+  return jax.ffi.ffi_call("fer_conv_c1_pool", (jax.ShapeDtypeStruct(shape, jnp.float32),
+                                               jax.ShapeDtypeStruct(shape, jnp.int8)),
+                          vmap_method="broadcast_all")(
+      x.astype(jnp.float32), kernel.astype(jnp.float32), bias.astype(jnp.float32),
+      **_pad_attrs(kernel.shape[:2], padding), relu=bool(relu))
+
+
+def conv_c1_pool_grads(x: jax.Array, pos: jax.Array, g: jax.Array, kernel_shape,
+                       padding) -> tuple[jax.Array, jax.Array]:
+  """The kernel and bias gradients of conv_c1_pool for the output gradient g [N, H/2, W/2, O]:
+  conv_c1_grads of the pool's routed gradient, without writing it, bit for bit."""
+  out = (jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32),
+         jax.ShapeDtypeStruct(tuple(kernel_shape[-1:]), jnp.float32))
+  return jax.ffi.ffi_call("fer_conv_c1_pool_wgrad", out, vmap_method="broadcast_all")(
+      x.astype(jnp.float32), pos, g.astype(jnp.float32),
+      **_pad_attrs(kernel_shape[:2], padding))
+

@@ -198,6 +198,89 @@ def test_conv_c1_rejects_mismatched_shapes(native_on):
                                jnp.zeros((8,)), pt=np.int64(1), pl=np.int64(1)))
 
 
+def _conv_c1_then_pool(x, kernel, bias, relu):
+  y = layers.max_pool_2x2(layers.conv_c1_native(x, kernel, bias))
+  return jax.nn.relu(y) if relu else y
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("x_shape,kernel_shape", [
+    ((4, 48, 48, 1), (3, 3, 1, 32)),  # the reference CNN's first block
+    ((2, 9, 7, 1), (3, 3, 1, 64)),    # odd sides: the last row and column are dropped
+    ((2, 6, 5, 1), (2, 3, 1, 7)),     # generic path, even kernel
+])
+def test_fused_first_block_equals_conv_then_pool_bit_for_bit(native_on, x_shape, kernel_shape,
+                                                             relu):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.integers(0, 256, x_shape) / 255.0, jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=kernel_shape[-1:]), jnp.float32)
+  # Ties inside windows (a constant image corner: equal pixels there) and ReLU zeros both occur.
+  x = x.at[:, :12, :12].set(0.5)
+  got_y, got_vjp = jax.vjp(lambda k, b: layers.conv_c1_pool_native(x, k, b, relu), kernel, bias)
+  want_y, want_vjp = jax.vjp(lambda k, b: _conv_c1_then_pool(x, k, b, relu), kernel, bias)
+  g = jnp.asarray(rng.normal(size=want_y.shape), jnp.float32)
+  np.testing.assert_array_equal(got_y, want_y)
+  for got, want in zip(got_vjp(g), want_vjp(g)):  # dkernel, dbias
+    np.testing.assert_array_equal(got, want)
+  if relu:
+    assert float((want_y == 0).mean()) > 0.1  # the ReLU's no-gradient case was exercised
+  # and against XLA's convolution and nn.max_pool's tie rule, to float rounding
+  ref = lambda x, k, b: layers.max_pool(layers.conv_xla(x, k) + b, "xla", relu)
+  ref_y, ref_vjp = jax.vjp(ref, x, kernel, bias)
+  np.testing.assert_allclose(got_y, ref_y, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref_y).max()))
+  for got, want in zip(got_vjp(g), ref_vjp(g)[1:]):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_fused_first_block_input_gradient_and_vmap(native_on):
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.uniform(0, 1, (3, 2, 8, 8, 1)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 1, 32)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(3, 32)), jnp.float32)
+  loss = lambda fn: jax.jit(jax.vmap(jax.grad(lambda x, k, b: (fn(x, k, b) ** 2).sum(),
+                                              argnums=(0, 1, 2))))
+  got = loss(lambda x, k, b: layers.conv_c1_pool_native(x, k, b, True))(x, kernel, bias)
+  want = loss(lambda x, k, b: _conv_c1_then_pool(x, k, b, True))(x, kernel, bias)
+  for a, b in zip(got, want):  # dx (by XLA in both), dkernel, dbias per model
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_cnn_first_block_is_fused_only_without_batch_norm(native_on, monkeypatch):
+  from fer.models import cnn  # pylint: disable=g-import-not-at-top
+  calls = []
+  real = native.conv_c1_pool
+  monkeypatch.setattr(native, "conv_c1_pool", lambda *a: calls.append(1) or real(*a))
+  x = jnp.asarray(np.random.default_rng(5).integers(0, 256, (2, 48, 48, 1)), jnp.uint8)
+  for batch_norm, fused in ((False, True), (True, False)):
+    model = cnn.CNN(conv_features=(8, 16), dense_features=(16,), conv_impl="gemm_bf16",
+                    batch_norm=batch_norm)
+    variables = model.init(jax.random.key(0), x)
+    calls.clear()
+    got = jax.grad(lambda v: model.apply(v, x, mutable=["batch_stats"])[0].sum())(variables)
+    assert bool(calls) == fused
+    want = _xla(lambda: jax.grad(
+        lambda v: model.apply(v, x, mutable=["batch_stats"])[0].sum())(variables))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-3 * float(jnp.abs(b).max()))
+
+
+def test_fused_first_block_rejects_mismatched_shapes(native_on):
+  x = jnp.zeros((2, 6, 6, 1))
+  out = (jax.ShapeDtypeStruct((2, 3, 3, 8), jnp.float32), jax.ShapeDtypeStruct((2, 3, 3, 8),
+                                                                                jnp.int8))
+  call = jax.ffi.ffi_call("fer_conv_c1_pool", out)
+  with pytest.raises(Exception, match="bias or output size does not match"):
+    jax.block_until_ready(call(x, jnp.zeros((3, 3, 1, 8)), jnp.zeros((5,)), pt=np.int64(1),
+                               pl=np.int64(1), relu=True))
+  grad = jax.ffi.ffi_call("fer_conv_c1_pool_wgrad", (jax.ShapeDtypeStruct((3, 3, 1, 8),
+                                                                          jnp.float32),
+                                                     jax.ShapeDtypeStruct((8,), jnp.float32)))
+  with pytest.raises(Exception, match="g, pos or db's size does not match"):
+    jax.block_until_ready(grad(x, jnp.zeros((2, 3, 3, 8), jnp.int8), jnp.zeros((2, 6, 6, 8)),
+                               pt=np.int64(1), pl=np.int64(1)))
+
+
 def test_build_writes_the_library_atomically(tmp_path):
   if not HAVE_COMPILER:
     pytest.skip("no C++ compiler")

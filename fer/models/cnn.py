@@ -40,17 +40,20 @@ class CNN(nn.Module):
     for i, features in enumerate(self.conv_features):
       for j in range(self.convs_per_block):
         name = f"conv{i + 1}" if self.convs_per_block == 1 else f"conv{i + 1}_{j + 1}"
+        last = j == self.convs_per_block - 1
+        # Without batch norm the block's conv, pool and ReLU are one op (fused where it pays).
+        pool_in_conv = fused_pool and last and not self.batch_norm
         x = layers.Conv2D(features, (self.kernel_size,) * 2, use_bias=not self.batch_norm,
-                          impl=self.conv_impl, dtype=self.dtype, name=name)(x)
+                          impl=self.conv_impl, dtype=self.dtype, pool_relu=pool_in_conv,
+                          name=name)(x)
         if self.batch_norm:
           x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
                            name=f"{name}_bn")(x)
-        if not (fused_pool and j == self.convs_per_block - 1):
+        if not (fused_pool and last):
           x = nn.relu(x)
       if self.pool == "max":
-        x = layers.max_pool(x, self.pool_impl)
-        if fused_pool:
-          x = nn.relu(x)
+        if not pool_in_conv:
+          x = layers.max_pool(x, self.pool_impl, relu=fused_pool)
       elif self.pool == "avg":
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
       elif self.pool != "none":

@@ -32,6 +32,7 @@ lowers select-and-scatter to iota, reduce-window and scatter; this version is a 
 elementwise ops and is the largest single win of the study.
 """
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -182,8 +183,37 @@ def _conv_c1_native_bwd(res, g):
 conv_c1_native.defvjp(_conv_c1_native_fwd, _conv_c1_native_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def conv_c1_pool_native(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                        relu: bool = True) -> jax.Array:
+  """max_pool(conv_c1_native(x, kernel, bias), relu=relu) in one pass of fer.native's kernels
+  (the first block of a CNN without batch norm): the same bits, forward and gradients, without
+  the full-size activation or its gradient; the input gradient, rarely needed, by XLA."""
+  return _conv_c1_pool_native_fwd(x, kernel, bias, relu)[0]
+
+
+def _conv_c1_pool_native_fwd(x, kernel, bias, relu):
+  y, pos = native.conv_c1_pool(x, kernel, bias, _same_padding(kernel.shape[:2]), relu)
+  return y, (x, kernel, bias, pos)
+
+
+def _conv_c1_pool_native_bwd(relu, res, g):
+  x, kernel, bias, pos = res
+  reference = lambda x: max_pool(conv_xla(x, kernel) + bias, "reshape", relu)
+  dx = jax.vjp(reference, x)[1](g)[0]  # dead code when x is data
+  dk, db = native.conv_c1_pool_grads(x, pos, g, kernel.shape, _same_padding(kernel.shape[:2]))
+  return dx, dk, db
+
+
+conv_c1_pool_native.defvjp(_conv_c1_pool_native_fwd, _conv_c1_pool_native_bwd)
+
+
 class Conv2D(nn.Module):
-  """nn.Conv(features, kernel_size, padding='SAME') with a selectable lowering (see module doc)."""
+  """nn.Conv(features, kernel_size, padding='SAME') with a selectable lowering (see module doc).
+
+  pool_relu: return max_pool(conv, relu=True) (2x2, stride 2, then ReLU) instead, in one fused
+  native kernel where the conv_c1 path applies; the same values and gradients either way.
+  """
   features: int
   kernel_size: Sequence[int] = (3, 3)
   use_bias: bool = True
@@ -192,6 +222,7 @@ class Conv2D(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros_init()
+  pool_relu: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -209,13 +240,15 @@ class Conv2D(nn.Module):
       y = conv_gemm_bf16(x, kernel)
     elif (self.impl == "gemm_bf16" and x.shape[-1] == 1 and x.dtype == jnp.float32
           and native.available()):
-      zero = jnp.zeros((self.features,), jnp.float32)
-      return conv_c1_native(x, kernel, zero if bias is None else bias)
+      bias = jnp.zeros((self.features,), jnp.float32) if bias is None else bias
+      if self.pool_relu:
+        return conv_c1_pool_native(x, kernel, bias, True)
+      return conv_c1_native(x, kernel, bias)
     else:
       y = conv_xla(x, kernel)
     if bias is not None:
       y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
-    return y
+    return max_pool(y, "reshape", relu=True) if self.pool_relu else y
 
 
 def _windows(x):
@@ -253,10 +286,13 @@ def _max_pool_bwd(x, g):
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def max_pool(x: jax.Array, impl: str = "reshape") -> jax.Array:
-  """2x2/stride-2 max pooling: impl 'xla' is nn.max_pool, 'reshape' is max_pool_2x2."""
+def max_pool(x: jax.Array, impl: str = "reshape", relu: bool = False) -> jax.Array:
+  """2x2/stride-2 max pooling, then nn.relu where relu: impl 'xla' is nn.max_pool, 'reshape' is
+  max_pool_2x2."""
   if impl == "xla":
-    return nn.max_pool(x, (2, 2), strides=(2, 2))
-  if impl == "reshape":
-    return max_pool_2x2(x)
-  raise ValueError(f"max_pool impl={impl!r}: expected one of {POOL_IMPLS}")
+    y = nn.max_pool(x, (2, 2), strides=(2, 2))
+  elif impl == "reshape":
+    y = max_pool_2x2(x)
+  else:
+    raise ValueError(f"max_pool impl={impl!r}: expected one of {POOL_IMPLS}")
+  return nn.relu(y) if relu else y
