@@ -9,6 +9,9 @@ SAME convolution of a 1-channel image (the first layer of every fer CNN), equal 
 rounding. `conv_c1_pool` / `conv_c1_pool_grads` fuse conv_c1, layers.max_pool_2x2 and the ReLU
 (the first block of a CNN without batch norm), so that the full-size activation and its gradient
 are never written: the same bits as conv_c1, the pool and conv_c1_grads one after the other.
+`conv_bf16` is layers.conv_gemm_bf16's forward pass and input gradient as a direct convolution
+(AVX-512 BF16 dot products, no patches) where the CPU has those instructions
+(`bf16_conv_available()`): the same bf16 inputs and fp32 sums as the patch matmul, in another order.
 They are XLA FFI calls into a small C++ library that this module compiles on first use with the
 system's C++ compiler (g++ -O3, ~5 s) against the FFI headers that jaxlib ships, and caches at
   $FER_NATIVE_CACHE, else ~/.cache/fer/native (a per-user temp dir if that isn't writable)
@@ -47,7 +50,7 @@ SOURCE = Path(__file__).with_name("native.cc")
 TARGETS = {"fer_patches": "FerPatches", "fer_patches_t": "FerPatchesT",
            "fer_bilinear": "FerBilinear", "fer_conv_c1": "FerConvC1",
            "fer_conv_c1_wgrad": "FerConvC1Wgrad", "fer_conv_c1_pool": "FerConvC1Pool",
-           "fer_conv_c1_pool_wgrad": "FerConvC1PoolWgrad"}
+           "fer_conv_c1_pool_wgrad": "FerConvC1PoolWgrad", "fer_conv_bf16": "FerConvBf16"}
 
 
 def cache_dir() -> Path:
@@ -104,6 +107,7 @@ def build(path: Path) -> Path:
 
 
 _registered: set[str] = set()
+_library: list = []  # the loaded ctypes library, once _load succeeded
 
 
 @functools.cache
@@ -120,6 +124,7 @@ def _load() -> bool:
   except (RuntimeError, OSError) as e:
     warnings.warn(f"fer: native CPU kernels unavailable, using XLA's (slower): {e}")
     return False
+  _library[:] = [lib]
   for name, symbol in TARGETS.items():
     if name not in _registered:  # once per process, even if _load's cache is cleared
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
@@ -147,6 +152,11 @@ def available() -> bool:
   if os.environ.get("FER_NO_NATIVE", "") not in ("", "0"):
     return False
   return jax.default_backend() == "cpu" and jax.device_count() == 1 and _load()
+
+
+def bf16_conv_available() -> bool:
+  """available(), and the CPU runs AVX-512 BF16 dot products (conv_bf16's instructions)."""
+  return available() and bool(_library[0].FerBf16ConvSupported())
 
 
 def _pad_attrs(kernel_size, padding) -> dict:
@@ -229,3 +239,13 @@ def conv_c1_pool_grads(x: jax.Array, pos: jax.Array, g: jax.Array, kernel_shape,
       x.astype(jnp.float32), pos, g.astype(jnp.float32),
       **_pad_attrs(kernel_shape[:2], padding))
 
+
+
+def conv_bf16(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+  """Stride-1, size-keeping convolution of bf16 x [N, H, W, C] (C even) with a bf16 HWIO kernel
+  [kh, kw, C, O] (O a multiple of 16), fp32 sums -> f32 [N, H, W, O]; no patches. Needs
+  bf16_conv_available()."""
+  return jax.ffi.ffi_call("fer_conv_bf16",
+                          jax.ShapeDtypeStruct(x.shape[:-1] + kernel.shape[-1:], jnp.float32),
+                          vmap_method="broadcast_all")(
+      x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), **_pad_attrs(kernel.shape[:2], padding))

@@ -7,6 +7,7 @@ import stat
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import pytest
 
@@ -279,6 +280,85 @@ def test_fused_first_block_rejects_mismatched_shapes(native_on):
   with pytest.raises(Exception, match="g, pos or db's size does not match"):
     jax.block_until_ready(grad(x, jnp.zeros((2, 3, 3, 8), jnp.int8), jnp.zeros((2, 6, 6, 8)),
                                pt=np.int64(1), pl=np.int64(1)))
+
+
+@pytest.fixture
+def bf16_conv_on(native_on):
+  if not native.bf16_conv_available():
+    pytest.skip("this CPU has no AVX-512 BF16: conv_gemm_bf16 keeps the patch matmul")
+
+
+@pytest.mark.parametrize("x_shape,kernel_shape", [
+    ((4, 24, 24, 32), (3, 3, 32, 64)),   # the reference CNN's second layer: 4 x 6 blocks
+    ((2, 7, 5, 64), (3, 3, 64, 32)),     # its input gradient's shape: 2 x 12, ragged blocks
+    ((3, 6, 6, 18), (2, 2, 18, 48)),     # even kernel (SAME's extra pixel after), 1 x 24
+    ((2, 9, 13, 16), (5, 3, 16, 80)),    # non-square kernel, 80 = 16 x 5 channels
+])
+def test_direct_bf16_conv_equals_xla_on_the_same_bf16_inputs(bf16_conv_on, x_shape,
+                                                             kernel_shape):
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=x_shape), jnp.bfloat16)
+  kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.bfloat16)
+  padding = layers._same_padding(kernel_shape[:2])  # pylint: disable=protected-access
+  got = native.conv_bf16(x, kernel, padding)
+  want = layers.conv_xla(x.astype(jnp.float32), kernel.astype(jnp.float32))
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+  # the input gradient's padding: the other way round
+  flipped = [(hi, lo) for lo, hi in padding]
+  want = lax.conv_general_dilated(x.astype(jnp.float32), kernel.astype(jnp.float32), (1, 1),
+                                  flipped, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(native.conv_bf16(x, kernel, flipped), want, rtol=1e-5,
+                             atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_direct_bf16_conv_under_vmap_uses_each_models_kernel(bf16_conv_on):
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(3, 2, 6, 6, 16)), jnp.bfloat16)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 16, 32)), jnp.bfloat16)
+  pad = [(1, 1), (1, 1)]
+  got = jax.jit(jax.vmap(lambda x, k: native.conv_bf16(x, k, pad)))(x, kernel)
+  want = jax.vmap(lambda x, k: layers.conv_xla(x.astype(jnp.float32),
+                                               k.astype(jnp.float32)))(x, kernel)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_gemm_bf16_layer_uses_the_direct_conv_for_forward_and_input_gradient(bf16_conv_on,
+                                                                             monkeypatch):
+  calls = []
+  real = native.conv_bf16
+  monkeypatch.setattr(native, "conv_bf16", lambda *a: calls.append(a[1].shape) or real(*a))
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 16)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 16, 32)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(2, 8, 8, 32)), jnp.float32)
+  got_y, got_vjp = jax.vjp(layers.conv_gemm_bf16, x, kernel)
+  got = (got_y, *got_vjp(g))
+  assert calls == [(3, 3, 16, 32), (3, 3, 32, 16)]  # forward, then the flipped kernel
+  calls.clear()
+  with native.use(False):
+    want_y, want_vjp = jax.vjp(layers.conv_gemm_bf16, x, kernel)
+    want = (want_y, *want_vjp(g))
+  assert not calls
+  for a, b in zip(got, want):  # same bf16 inputs, fp32 sums in another order
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+  # Narrow convolutions keep the patch matmul (fewer than 16 input channels, or outputs not a
+  # multiple of 16): 8 -> 32 in both directions; 16 -> 24 forward, but its gradient 24 -> 16 not.
+  for shape, direct in (((3, 3, 8, 32), []), ((3, 3, 16, 24), [(3, 3, 24, 16)])):
+    calls.clear()
+    jax.vjp(layers.conv_gemm_bf16, x[..., :shape[2]], jnp.zeros(shape))[1](
+        jnp.zeros(x.shape[:-1] + shape[-1:]))
+    assert calls == direct
+
+
+def test_direct_bf16_conv_rejects_bad_shapes(bf16_conv_on):
+  call = jax.ffi.ffi_call("fer_conv_bf16", jax.ShapeDtypeStruct((2, 6, 6, 24), jnp.float32))
+  attrs = dict(pt=np.int64(1), pl=np.int64(1))
+  with pytest.raises(Exception, match="O a multiple of 16"):
+    jax.block_until_ready(call(jnp.zeros((2, 6, 6, 16), jnp.bfloat16),
+                               jnp.zeros((3, 3, 16, 24), jnp.bfloat16), **attrs))
+  with pytest.raises(Exception, match="expected bf16 x"):
+    jax.block_until_ready(call(jnp.zeros((2, 6, 6, 16)), jnp.zeros((3, 3, 16, 24)), **attrs))
 
 
 def test_build_writes_the_library_atomically(tmp_path):

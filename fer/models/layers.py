@@ -133,11 +133,20 @@ def conv_gemm_bf16(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return _conv_gemm_bf16_fwd(x, kernel)[0]
 
 
+def _direct_bf16(cin: int, cout: int) -> bool:
+  """Whether fer.native's direct bf16 convolution takes cin -> cout channels here (from 16 input
+  channels: below that the patch matmul is as fast)."""
+  return cin >= 16 and cin % 2 == 0 and cout % 16 == 0 and native.bf16_conv_available()
+
+
 def _conv_gemm_bf16_fwd(x, kernel):
   kh, kw, cin, cout = kernel.shape
   n, h, w, _ = x.shape
   xb, kb = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
-  y = _mm_f32(_bf16_patches(xb, (kh, kw)), kb.reshape(kh * kw * cin, cout))
+  if _direct_bf16(cin, cout):
+    y = native.conv_bf16(xb, kb, _same_padding((kh, kw)))
+  else:
+    y = _mm_f32(_bf16_patches(xb, (kh, kw)), kb.reshape(kh * kw * cin, cout))
   # Zero-size arrays carry the input and kernel dtypes (residuals must be arrays).
   dtypes = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), kernel.dtype))
   return y.reshape(n, h, w, cout).astype(x.dtype), (xb, kb, dtypes)
@@ -151,9 +160,12 @@ def _conv_gemm_bf16_bwd(res, g):
   dk = _mm_f32(_bf16_patches_t(xb, (kh, kw)), gb.reshape(n * h * w, cout))
   # The input gradient is the convolution of g with the flipped, in/out-swapped kernel, padded
   # the other way round (the same as SAME for odd kernels).
-  flipped = kb[::-1, ::-1].transpose(0, 1, 3, 2).reshape(kh * kw * cout, cin)
+  flipped = kb[::-1, ::-1].transpose(0, 1, 3, 2)  # [kh, kw, cout, cin]
   padding = [(hi, lo) for lo, hi in _same_padding((kh, kw))]
-  dx = _mm_f32(_bf16_patches(gb, (kh, kw), padding), flipped)
+  if _direct_bf16(cout, cin):
+    dx = native.conv_bf16(gb, flipped, padding)
+  else:
+    dx = _mm_f32(_bf16_patches(gb, (kh, kw), padding), flipped.reshape(kh * kw * cout, cin))
   return (dx.reshape(n, h, w, cin).astype(x_dtype.dtype),
           dk.reshape(kh, kw, cin, cout).astype(k_dtype.dtype))
 
