@@ -53,9 +53,15 @@
 // GFLOP/s per core on the reference CNN's layers, where the patch matmul reaches ~145 plus the
 // patch copy. Same inputs as the patch matmul (bf16), fp32 sums in another order (~1e-6
 // relative apart).
-// fer_conv_bf16: x [B..., N, H, W, C] bf16 (C even), w [B..., kh, kw, C, O] bf16 (O a multiple of
-//                16) -> y [B..., N, H, W, O] f32; fer_bf16_conv_supported() says whether the CPU
-//                can run it (the caller keeps the patch path where it can't).
+// The weight gradient likewise sums pixels two at a time (pairs of pixels interleaved per image
+// in cache, instead of the transposed patches in memory).
+// fer_conv_bf16:       x [B..., N, H, W, C] bf16 (C even), w [B..., kh, kw, C, O] bf16 (O a
+//                      multiple of 16) -> y [B..., N, H, W, O] f32
+// fer_conv_bf16_wgrad: x [B..., N, H, W, C], g [B..., N, H, W, O] bf16 (C, O multiples of 16)
+//                      -> dw [B..., kh, kw, C, O] f32 (partial sums per thread's fixed range of
+//                      images, added in range order)
+// FerBf16ConvSupported() (a plain C function) says whether the CPU can run them; the callers
+// keep the patch path where it can't.
 
 #include <algorithm>
 #include <atomic>
@@ -630,6 +636,70 @@ void WithBlocking(int64_t O, F&& f) {
   else
     f(std::integral_constant<int, 16>(), std::integral_constant<int, 24>());
 }
+
+// out[2k] = a[k], out[2k+1] = b[k] for k < n (n a multiple of 16): two rows of bf16 as pairs.
+FER_BF16_TARGET inline void Interleave(const uint16_t* a, const uint16_t* b, uint16_t* out,
+                                       int64_t n) {
+  for (int64_t k = 0; k < n; k += 16) {
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(a + k)));
+    const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(b + k)));
+    _mm512_storeu_si512(out + 2 * k, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+  }
+}
+
+// The weight gradient of `count` consecutive images added into dw [kh*kw, C, O] (f32): x
+// [count, H, W, C] and the output gradient g [count, H, W, O] (bf16). The sum over pixels runs
+// two pixels at a time: gi holds g's rows as pixel pairs [P, O, 2] and, per tap, xt the tap's
+// input pixels for the same pairs [P, C, 2] (zeros outside the image, and for the missing
+// partner of an odd last pixel). Small images go several at a time, so the register-resident
+// sums run over enough pairs to pay for loading and storing them.
+template <int OB, int MR>
+FER_BF16_TARGET void WgradBf16Images(const uint16_t* x, const uint16_t* g, float* dw,
+                                     int64_t count, int64_t H, int64_t W, int64_t C, int64_t O,
+                                     int64_t kh, int64_t kw, int64_t pt, int64_t pl, uint16_t* gi,
+                                     uint16_t* xt, const uint16_t* zeros) {
+  constexpr int Q = OB / 16;
+  const int64_t HW = H * W, pixels = count * HW, P = (pixels + 1) / 2;
+  for (int64_t pp = 0; pp < P; ++pp)
+    Interleave(g + 2 * pp * O, 2 * pp + 1 < pixels ? g + (2 * pp + 1) * O : zeros,
+               gi + pp * O * 2, O);
+  for (int64_t i = 0; i < kh; ++i)
+    for (int64_t j = 0; j < kw; ++j) {
+      for (int64_t pp = 0; pp < P; ++pp) {
+        const uint16_t* src[2];
+        for (int64_t e = 0; e < 2; ++e) {
+          const int64_t p = 2 * pp + e, q = p % HW, y = q / W + i - pt, xx = q % W + j - pl;
+          src[e] = p < pixels && y >= 0 && y < H && xx >= 0 && xx < W
+                       ? x + ((p / HW) * HW + y * W + xx) * C
+                       : zeros;
+        }
+        Interleave(src[0], src[1], xt + pp * C * 2, C);
+      }
+      float* dwt = dw + (i * kw + j) * C * O;
+      for (int64_t ob = 0; ob < O; ob += OB)
+        for (int64_t c0 = 0; c0 < C; c0 += MR) {
+          __m512 acc[MR][Q];
+          for (int m = 0; m < MR; ++m)
+            for (int q = 0; q < Q; ++q)
+              acc[m][q] = _mm512_loadu_ps(dwt + (c0 + m) * O + ob + q * 16);
+          for (int64_t pp = 0; pp < P; ++pp) {
+            __m512bh b[Q];
+            for (int q = 0; q < Q; ++q)
+              b[q] = (__m512bh)_mm512_loadu_si512(gi + (pp * O + ob + q * 16) * 2);
+            const uint16_t* xa = xt + (pp * C + c0) * 2;
+            for (int m = 0; m < MR; ++m) {
+              uint32_t pair;
+              std::memcpy(&pair, xa + 2 * m, sizeof(pair));
+              const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+              for (int q = 0; q < Q; ++q) acc[m][q] = _mm512_dpbf16_ps(acc[m][q], a, b[q]);
+            }
+          }
+          for (int m = 0; m < MR; ++m)
+            for (int q = 0; q < Q; ++q)
+              _mm512_storeu_ps(dwt + (c0 + m) * O + ob + q * 16, acc[m][q]);
+        }
+    }
+}
 #endif
 
 bool Bf16ConvSupported() {
@@ -701,6 +771,77 @@ ffi::Error ConvBf16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
 #endif
 }
 
+ffi::Error ConvBf16Wgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g,
+                         ffi::Result<ffi::Buffer<ffi::F32>> dw, int64_t pt, int64_t pl) {
+#ifdef FER_BF16_KERNELS
+  if (!Bf16ConvSupported())
+    return ffi::Error::InvalidArgument("fer conv_bf16_wgrad: this CPU has no AVX-512 BF16");
+  auto xd = x.dimensions();
+  auto gd = g.dimensions();
+  auto wd = dw->dimensions();
+  if (x.element_type() != ffi::BF16 || g.element_type() != ffi::BF16 || xd.size() < 4 ||
+      gd.size() != xd.size() || wd.size() + 0 != xd.size())
+    return ffi::Error::InvalidArgument(
+        "fer conv_bf16_wgrad: expected bf16 x [..., N, H, W, C], g [..., N, H, W, O] and dw "
+        "[..., kh, kw, C, O]");
+  const size_t nb = xd.size() - 4;
+  int64_t batches = 1;
+  for (size_t k = 0; k < nb; ++k) {
+    if (xd[k] != gd[k] || xd[k] != wd[k])
+      return ffi::Error::InvalidArgument("fer conv_bf16_wgrad: batch dims differ");
+    batches *= xd[k];
+  }
+  const int64_t N = xd[nb], H = xd[nb + 1], W = xd[nb + 2], C = xd[nb + 3];
+  const int64_t kh = wd[nb], kw = wd[nb + 1], O = wd[nb + 3];
+  if (gd[nb] != N || gd[nb + 1] != H || gd[nb + 2] != W || gd[nb + 3] != O || wd[nb + 2] != C ||
+      C % 16 != 0 || O % 16 != 0 || kh < 1 || kw < 1 || pt < 0 || pl < 0 || pt >= kh ||
+      pl >= kw)
+    return ffi::Error::InvalidArgument(
+        "fer conv_bf16_wgrad: need matching shapes, C and O multiples of 16, padding inside the "
+        "kernel");
+  const uint16_t* xs = static_cast<const uint16_t*>(x.untyped_data());
+  const uint16_t* gs = static_cast<const uint16_t*>(g.untyped_data());
+  float* out = dw->typed_data();
+  // Images per pass: at least ~256 pixel pairs (one image of 24x24, 15 of 6x6).
+  const int64_t group = std::max<int64_t>(1, std::min<int64_t>(N, 512 / (H * W)));
+  const int64_t K = kh * kw * C * O, P = (group * H * W + 1) / 2;
+  // The images of a batch in `parts` fixed ranges, each summed into its own partial gradient,
+  // then the partials in range order: the same result for a given thread count.
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(N, pool.num_threads()));
+  const int64_t per = (N + parts - 1) / parts;
+  std::unique_ptr<float[]> partial(new float[parts * K]);
+  std::vector<uint16_t> zeros(std::max(C, O), 0);
+  for (int64_t b = 0; b < batches; ++b) {
+    ParallelFor(pool, parts, int64_t{1} << 40, [&](int64_t p0, int64_t p1) {
+      std::unique_ptr<uint16_t[]> gi(new uint16_t[P * O * 2]), xt(new uint16_t[P * C * 2]);
+      for (int64_t p = p0; p < p1; ++p) {
+        float* acc = partial.get() + p * K;
+        std::fill(acc, acc + K, 0.0f);
+        const int64_t end = b * N + std::min(N, (p + 1) * per);
+        for (int64_t n = b * N + p * per; n < end; n += group) {
+          const int64_t count = std::min(group, end - n);
+          const uint16_t* xn = xs + n * H * W * C;
+          const uint16_t* gn = gs + n * H * W * O;
+          if (O % 32 == 0)
+            WgradBf16Images<32, 8>(xn, gn, acc, count, H, W, C, O, kh, kw, pt, pl, gi.get(),
+                                   xt.get(), zeros.data());
+          else
+            WgradBf16Images<16, 8>(xn, gn, acc, count, H, W, C, O, kh, kw, pt, pl, gi.get(),
+                                   xt.get(), zeros.data());
+        }
+      }
+    });
+    float* d = out + b * K;
+    std::copy(partial.get(), partial.get() + K, d);
+    for (int64_t p = 1; p < parts; ++p)
+      for (int64_t k = 0; k < K; ++k) d[k] += partial[p * K + k];
+  }
+  return ffi::Error::Success();
+#else
+  return ffi::Error::InvalidArgument("fer conv_bf16_wgrad: not built for this CPU or compiler");
+#endif
+}
+
 }  // namespace
 
 extern "C" int FerBf16ConvSupported() { return Bf16ConvSupported() ? 1 : 0; }
@@ -765,6 +906,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FerConvC1PoolWgrad, ConvC1PoolWgrad,
                                   .Attr<int64_t>("pt")
                                   .Attr<int64_t>("pl"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FerConvBf16, ConvBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FerConvBf16Wgrad, ConvBf16Wgrad,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()

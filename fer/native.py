@@ -50,7 +50,8 @@ SOURCE = Path(__file__).with_name("native.cc")
 TARGETS = {"fer_patches": "FerPatches", "fer_patches_t": "FerPatchesT",
            "fer_bilinear": "FerBilinear", "fer_conv_c1": "FerConvC1",
            "fer_conv_c1_wgrad": "FerConvC1Wgrad", "fer_conv_c1_pool": "FerConvC1Pool",
-           "fer_conv_c1_pool_wgrad": "FerConvC1PoolWgrad", "fer_conv_bf16": "FerConvBf16"}
+           "fer_conv_c1_pool_wgrad": "FerConvC1PoolWgrad", "fer_conv_bf16": "FerConvBf16",
+           "fer_conv_bf16_wgrad": "FerConvBf16Wgrad"}
 
 
 def cache_dir() -> Path:
@@ -249,3 +250,12 @@ def conv_bf16(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
                           jax.ShapeDtypeStruct(x.shape[:-1] + kernel.shape[-1:], jnp.float32),
                           vmap_method="broadcast_all")(
       x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), **_pad_attrs(kernel.shape[:2], padding))
+
+
+def conv_bf16_wgrad(x: jax.Array, g: jax.Array, kernel_shape, padding) -> jax.Array:
+  """The kernel gradient [kh, kw, C, O] (f32) of conv_bf16(x, kernel, padding) for the output
+  gradient g [N, H, W, O]; x and g bf16, C and O multiples of 16."""
+  return jax.ffi.ffi_call("fer_conv_bf16_wgrad",
+                          jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32),
+                          vmap_method="broadcast_all")(
+      x.astype(jnp.bfloat16), g.astype(jnp.bfloat16), **_pad_attrs(kernel_shape[:2], padding))

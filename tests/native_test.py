@@ -294,8 +294,8 @@ def bf16_conv_on(native_on):
     ((3, 6, 6, 18), (2, 2, 18, 48)),     # even kernel (SAME's extra pixel after), 1 x 24
     ((2, 9, 13, 16), (5, 3, 16, 80)),    # non-square kernel, 80 = 16 x 5 channels
 ])
-def test_direct_bf16_conv_equals_xla_on_the_same_bf16_inputs(bf16_conv_on, x_shape,
-                                                             kernel_shape):
+def test_direct_bf16_conv_and_weight_gradient_equal_xla_on_the_same_bf16_inputs(
+    bf16_conv_on, x_shape, kernel_shape):
   rng = np.random.default_rng(6)
   x = jnp.asarray(rng.normal(size=x_shape), jnp.bfloat16)
   kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.bfloat16)
@@ -310,21 +310,33 @@ def test_direct_bf16_conv_equals_xla_on_the_same_bf16_inputs(bf16_conv_on, x_sha
                                   flipped, dimension_numbers=("NHWC", "HWIO", "NHWC"))
   np.testing.assert_allclose(native.conv_bf16(x, kernel, flipped), want, rtol=1e-5,
                              atol=1e-5 * float(jnp.abs(want).max()))
+  if kernel_shape[2] % 16 == 0:  # the weight gradient (pixels in pairs; 7x5 images: one odd)
+    g = jnp.asarray(rng.normal(size=x_shape[:-1] + kernel_shape[-1:]), jnp.bfloat16)
+    got = native.conv_bf16_wgrad(x, g, kernel_shape, padding)
+    want = jax.vjp(lambda k: layers.conv_xla(x.astype(jnp.float32), k),
+                   kernel.astype(jnp.float32))[1](g.astype(jnp.float32))[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 
-def test_direct_bf16_conv_under_vmap_uses_each_models_kernel(bf16_conv_on):
+def test_direct_bf16_conv_and_weight_gradient_under_vmap_use_each_models_data(bf16_conv_on):
   rng = np.random.default_rng(7)
   x = jnp.asarray(rng.normal(size=(3, 2, 6, 6, 16)), jnp.bfloat16)
   kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 16, 32)), jnp.bfloat16)
   pad = [(1, 1), (1, 1)]
-  got = jax.jit(jax.vmap(lambda x, k: native.conv_bf16(x, k, pad)))(x, kernel)
-  want = jax.vmap(lambda x, k: layers.conv_xla(x.astype(jnp.float32),
-                                               k.astype(jnp.float32)))(x, kernel)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+  g = jnp.asarray(rng.normal(size=(3, 2, 6, 6, 32)), jnp.bfloat16)
+  got = jax.jit(jax.vmap(lambda x, k, g: (native.conv_bf16(x, k, pad),
+                                          native.conv_bf16_wgrad(x, g, k.shape, pad))))(
+      x, kernel, g)
+  f32 = lambda a: a.astype(jnp.float32)
+  want = jax.vmap(lambda x, k, g: jax.vjp(lambda k: layers.conv_xla(f32(x), k), f32(k)))(
+      x, kernel, g)
+  want = (want[0], jax.vmap(lambda x, k, g: jax.vjp(lambda k: layers.conv_xla(f32(x), k),
+                                                    f32(k))[1](f32(g))[0])(x, kernel, g))
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
 
 
-def test_gemm_bf16_layer_uses_the_direct_conv_for_forward_and_input_gradient(bf16_conv_on,
-                                                                             monkeypatch):
+def test_gemm_bf16_layer_uses_the_direct_kernels_where_they_apply(bf16_conv_on, monkeypatch):
   calls = []
   real = native.conv_bf16
   monkeypatch.setattr(native, "conv_bf16", lambda *a: calls.append(a[1].shape) or real(*a))
@@ -332,9 +344,14 @@ def test_gemm_bf16_layer_uses_the_direct_conv_for_forward_and_input_gradient(bf1
   x = jnp.asarray(rng.normal(size=(2, 8, 8, 16)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(3, 3, 16, 32)), jnp.float32)
   g = jnp.asarray(rng.normal(size=(2, 8, 8, 32)), jnp.float32)
+  wgrads = []
+  real_wgrad = native.conv_bf16_wgrad
+  monkeypatch.setattr(native, "conv_bf16_wgrad",
+                      lambda *a: wgrads.append(a[2]) or real_wgrad(*a))
   got_y, got_vjp = jax.vjp(layers.conv_gemm_bf16, x, kernel)
   got = (got_y, *got_vjp(g))
   assert calls == [(3, 3, 16, 32), (3, 3, 32, 16)]  # forward, then the flipped kernel
+  assert wgrads == [(3, 3, 16, 32)]
   calls.clear()
   with native.use(False):
     want_y, want_vjp = jax.vjp(layers.conv_gemm_bf16, x, kernel)
@@ -346,9 +363,10 @@ def test_gemm_bf16_layer_uses_the_direct_conv_for_forward_and_input_gradient(bf1
   # multiple of 16): 8 -> 32 in both directions; 16 -> 24 forward, but its gradient 24 -> 16 not.
   for shape, direct in (((3, 3, 8, 32), []), ((3, 3, 16, 24), [(3, 3, 24, 16)])):
     calls.clear()
+    wgrads.clear()
     jax.vjp(layers.conv_gemm_bf16, x[..., :shape[2]], jnp.zeros(shape))[1](
         jnp.zeros(x.shape[:-1] + shape[-1:]))
-    assert calls == direct
+    assert calls == direct and not wgrads
 
 
 def test_direct_bf16_conv_rejects_bad_shapes(bf16_conv_on):
@@ -359,6 +377,11 @@ def test_direct_bf16_conv_rejects_bad_shapes(bf16_conv_on):
                                jnp.zeros((3, 3, 16, 24), jnp.bfloat16), **attrs))
   with pytest.raises(Exception, match="expected bf16 x"):
     jax.block_until_ready(call(jnp.zeros((2, 6, 6, 16)), jnp.zeros((3, 3, 16, 24)), **attrs))
+  wgrad = jax.ffi.ffi_call("fer_conv_bf16_wgrad", jax.ShapeDtypeStruct((3, 3, 16, 32),
+                                                                       jnp.float32))
+  with pytest.raises(Exception, match="need matching shapes"):
+    jax.block_until_ready(wgrad(jnp.zeros((2, 6, 6, 16), jnp.bfloat16),
+                                jnp.zeros((2, 6, 5, 32), jnp.bfloat16), **attrs))
 
 
 def test_build_writes_the_library_atomically(tmp_path):

@@ -157,7 +157,10 @@ def _conv_gemm_bf16_bwd(res, g):
   kh, kw, cin, cout = kb.shape
   n, h, w, _ = g.shape
   gb = g.astype(jnp.bfloat16)
-  dk = _mm_f32(_bf16_patches_t(xb, (kh, kw)), gb.reshape(n * h * w, cout))
+  if cin % 16 == 0 and _direct_bf16(cin, cout):
+    dk = native.conv_bf16_wgrad(xb, gb, kb.shape, _same_padding((kh, kw)))
+  else:
+    dk = _mm_f32(_bf16_patches_t(xb, (kh, kw)), gb.reshape(n * h * w, cout))
   # The input gradient is the convolution of g with the flipped, in/out-swapped kernel, padded
   # the other way round (the same as SAME for odd kernels).
   flipped = kb[::-1, ::-1].transpose(0, 1, 3, 2)  # [kh, kw, cout, cin]
