@@ -5,15 +5,18 @@ r"""Per-layer convolution timings and the malloc effect behind the CPU fast path
 The in-process parts run with fer.xla_flags' malloc tuning on, as fer.main does.
 1. Each 3x3 convolution of the reference CNN (configs/reference_net.py) at batch 64: forward,
    and forward + both gradients, for `xla` (lax.conv, fp32; XLA:CPU runs it through YNNPACK)
-   and `gemm_bf16` (fer/models/layers.py: bf16 im2col + one bf16 matmul per pass) with XLA's
-   patches and with fer.native's, with the relative error of gemm_bf16 against fp32; for the
-   1-channel first layer, gemm_bf16 is fer.native's fp32 kernels (forward + weight gradient).
+   and `gemm_bf16` (fer/models/layers.py: bf16 im2col + one bf16 matmul per pass, with XLA's
+   patches or fer.native's; by default fer.native's direct bf16 kernels where the CPU has
+   AVX-512 BF16), with the relative error of gemm_bf16 against fp32; for the 1-channel first
+   layer, gemm_bf16 is fer.native's fp32 kernels (forward + weight gradient). Then the first
+   block (conv, pool, ReLU): XLA, native conv + XLA pool, and fer.native's fused kernels.
 2. One matmul with fp32 and with bf16 inputs.
 3. The copy that builds the patches: XLA's, as bfloat16 and as the same bits in uint32, and
    fer.native's C++ kernel; then the augmentation's bilinear resampling, XLA vs fer.native.
 4. One jitted training step of the reference CNN (adam, batch 64, one step per dispatch) in a
-   fresh process with and without the malloc tuning, fer.native (patches and first conv layer)
-   and the study's augmentation (with the resampling by XLA or by fer.native): milliseconds
+   fresh process with and without the malloc tuning, fer.native (with and without the direct
+   bf16 convolutions) and the study's augmentation (with the resampling by XLA or by
+   fer.native): milliseconds
    and minor page faults per step (the best of 3 blocks of 20 steps); then a profile of the
    default step by kind of op.
 """
@@ -61,20 +64,21 @@ def conv_rows(batch: int):
     x = jnp.asarray(rng.standard_normal((batch, size, size, cin)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) * 0.1, jnp.float32)
     g = jnp.asarray(rng.standard_normal((batch, size, size, cout)), jnp.float32)
-    impls = {"xla": (layers.conv_xla, False)}
+    impls = {"xla": (layers.conv_xla, (False, False))}
     if cin % 2 == 0:  # odd channel counts keep xla (see fer/models/layers.py)
-      impls["gemm_bf16, XLA patches"] = (layers.conv_gemm_bf16, False)
+      impls["gemm_bf16, XLA patches"] = (layers.conv_gemm_bf16, (False, False))
       if native.available():
-        impls["gemm_bf16"] = (layers.conv_gemm_bf16, True)
+        impls["gemm_bf16, native patches"] = (layers.conv_gemm_bf16, (True, False))
+        impls["gemm_bf16"] = (layers.conv_gemm_bf16, (True, True))
     elif cin == 1 and native.available():  # the first layer: fer.native's fp32 kernels
       zero_bias = jnp.zeros((cout,), jnp.float32)
-      impls["gemm_bf16"] = (lambda x, k: layers.conv_c1_native(x, k, zero_bias), True)
+      impls["gemm_bf16"] = (lambda x, k: layers.conv_c1_native(x, k, zero_bias), (True, True))
     # The first layer's input is data: training needs only its weight gradient.
     wrt = (1,) if cin == 1 else (0, 1)
     timing, outputs = {}, {}
     for name, (conv, use_native) in impls.items():
       loss = lambda x, k, conv=conv: jnp.vdot(conv(x, k), g)
-      with native.use(use_native):  # read when traced: fresh jits
+      with native.use(*use_native):  # read when traced: fresh jits
         timing[name] = (median_ms(jax.jit(lambda x, k, conv=conv: conv(x, k)), x, k),
                         median_ms(jax.jit(jax.value_and_grad(loss, wrt)), x, k))
         outputs[name] = jax.jit(lambda x, k, loss=loss, conv=conv: (
@@ -86,7 +90,7 @@ def conv_rows(batch: int):
       err = f"{err:.1e}"
     flops = 2 * batch * size * size * 9 * cin * cout
     row = f"| {size}x{size}, {cin} -> {cout} | {flops / 1e9:.2f} |"
-    for name in ("xla", "gemm_bf16, XLA patches", "gemm_bf16"):
+    for name in ("xla", "gemm_bf16, XLA patches", "gemm_bf16, native patches", "gemm_bf16"):
       fwd, both = timing.get(name, (None, None))
       row += " - | - |" if fwd is None else f" {fwd:.2f} | {both:.2f} |"
     if "gemm_bf16" in timing:
@@ -95,6 +99,33 @@ def conv_rows(batch: int):
       row += " - | - |"
     rows.append(row)
     print(row, flush=True)
+  return rows
+
+
+def first_block_rows(batch: int):
+  """The first block (1 -> 32 conv, 2x2 max pool, ReLU): forward, and forward + the weight
+  and bias gradients (its input is data)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(0, 1, (batch, 48, 48, 1)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((3, 3, 1, 32)) * 0.3, jnp.float32)
+  b = jnp.zeros((32,), jnp.float32)
+  g = jnp.asarray(rng.standard_normal((batch, 24, 24, 32)), jnp.float32)
+  pool = lambda y: layers.max_pool(y, "reshape", relu=True)
+  blocks = [("XLA conv, reshape pool + ReLU", lambda x, k, b: pool(layers.conv_xla(x, k) + b),
+             False)]
+  if native.available():
+    blocks += [("fer.native conv_c1, XLA reshape pool + ReLU",
+                lambda x, k, b: pool(layers.conv_c1_native(x, k, b)), True),
+               ("fer.native fused conv + pool + ReLU (default)",
+                lambda x, k, b: layers.conv_c1_pool_native(x, k, b, True), True)]
+  rows = []
+  for name, fn, use_native in blocks:
+    loss = lambda k, b, fn=fn: jnp.vdot(fn(x, k, b), g)
+    with native.use(use_native):
+      fwd = median_ms(jax.jit(fn), x, k, b)
+      both = median_ms(jax.jit(jax.value_and_grad(loss, (0, 1))), k, b)
+    rows.append(f"| {name} | {fwd:.2f} | {both:.2f} |")
+    print(rows[-1], flush=True)
   return rows
 
 
@@ -197,9 +228,10 @@ if {profile!r}:
     name = e.get("name", "")
     if e.get("ph") != "X" or name.startswith("$") or "Thunk" in name or "Slinky" in name:
       continue
-    kind = ("matmuls and convolutions (YNNPACK)" if name.startswith("ynn_fusion") else
-            "fer.native kernels (FFI calls: patches, first conv layer, resampling)"
-            if name.startswith("ffi_call") else
+    kind = ("matmuls and convolutions (YNNPACK: dense layers, XLA's convs)"
+            if name.startswith("ynn_fusion") else
+            "fer.native kernels (FFI calls: direct bf16 convs or patches, fused first block, "
+            "resampling)" if name.startswith("ffi_call") else
             "patch copies, bitcasts, pads, transposes" if re.search(
                 "concatenate|stack|bitcast|pad|copy|transpose|slice", name) else
             "everything else (pooling, ReLU, bias, loss, adam)")
@@ -210,10 +242,11 @@ if {profile!r}:
 
 
 def _run_step(impl: str, tuned: bool, use_native: bool, profile: bool = False,
-              augment: bool = False, xla_bilinear: bool = False):
+              augment: bool = False, xla_bilinear: bool = False, direct_conv: bool = True):
   root = str(pathlib.Path(__file__).resolve().parents[1])
   env = {**os.environ, "FER_NO_CPU_FLAGS": "0" if tuned else "1", "JAX_PLATFORMS": "cpu",
-         "FER_NO_NATIVE": "0" if use_native else "1"}
+         "FER_NO_NATIVE": "0" if use_native else "1",
+         "FER_NO_DIRECT_CONV": "0" if direct_conv else "1"}
   if profile:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
   return subprocess.run([sys.executable, "-c", _STEP.format(
@@ -224,17 +257,23 @@ def _run_step(impl: str, tuned: bool, use_native: bool, profile: bool = False,
 def step_rows():
   rows = []
   on_off = lambda b: "on" if b else "off"
-  for impl, tuned, use_native, aug, xla_bilinear in (
-      ("xla", False, False, False, False), ("xla", True, False, False, False),
-      ("gemm_bf16", False, False, False, False), ("gemm_bf16", True, False, False, False),
-      ("gemm_bf16", True, True, False, False), ("gemm_bf16", True, False, True, False),
-      ("gemm_bf16", True, True, True, True), ("gemm_bf16", True, True, True, False)):
+  # (conv_impl, malloc tuning, fer.native, augmentation, resampling by XLA, direct bf16 convs)
+  for impl, tuned, use_native, aug, xla_bilinear, direct in (
+      ("xla", False, False, False, False, False), ("xla", True, False, False, False, False),
+      ("gemm_bf16", False, False, False, False, False),
+      ("gemm_bf16", True, False, False, False, False),
+      ("gemm_bf16", True, True, False, False, False),
+      ("gemm_bf16", True, True, False, False, True),
+      ("gemm_bf16", True, False, True, False, False),
+      ("gemm_bf16", True, True, True, True, True), ("gemm_bf16", True, True, True, False, True)):
     if use_native and not native.available():
       continue
     ms, faults = map(float, _run_step(impl, tuned, use_native, augment=aug,
-                                      xla_bilinear=xla_bilinear)[-1].split())
-    natives = "off" if not use_native else (
-        "patches, conv1" + (", resampling" if aug and not xla_bilinear else ""))
+                                      xla_bilinear=xla_bilinear, direct_conv=direct)[-1].split())
+    natives = "off" if not use_native else ", ".join(
+        ["patches", "fused first block"]
+        + (["direct bf16 convs"] if direct and native.bf16_conv_available() else [])
+        + (["resampling"] if aug and not xla_bilinear else []))
     rows.append(f"| {impl} | {on_off(tuned)} | {natives} | {on_off(aug)} | "
                 f"{ms:.1f} | {64 / ms * 1e3:.0f} | {faults:,.0f} |")
     print(rows[-1], flush=True)
@@ -258,15 +297,22 @@ def main():
            f"Machine: {study.machine()}; jax {jax.__version__}. Command: "
            f"`python {' '.join(sys.argv)}`", "",
            f"## Per layer, batch {args.batch}, median ms", "",
-           "gemm_bf16 is the default: its patches from fer.native's C++ kernels; the columns "
-           "before it build the same patches with XLA (FER_NO_NATIVE=1). The 1-channel first "
-           "layer keeps fp32: gemm_bf16 is fer.native's fp32 convolution kernels there, and its "
-           "grads are the weight gradient only (its input is data).", "",
+           "gemm_bf16 is the default: fer.native's direct bf16 convolution kernels where the CPU "
+           "has AVX-512 BF16 (else the native-patches column); the columns before it are bf16 "
+           "patches + one matmul per pass, the patches built by XLA (FER_NO_NATIVE=1) or by "
+           "fer.native (FER_NO_DIRECT_CONV=1). The 1-channel first layer keeps fp32: gemm_bf16 "
+           "is fer.native's fp32 convolution kernels there, and its grads are the weight "
+           "gradient only (its input is data).", "",
            "| layer | GFLOP fwd | xla fwd | xla fwd+grads | gemm_bf16, XLA patches fwd "
-           "| gemm_bf16, XLA patches fwd+grads | gemm_bf16 fwd | gemm_bf16 fwd+grads "
+           "| gemm_bf16, XLA patches fwd+grads | gemm_bf16, native patches fwd "
+           "| gemm_bf16, native patches fwd+grads | gemm_bf16 fwd | gemm_bf16 fwd+grads "
            "| speed-up vs xla (fwd+grads) | max rel. error vs fp32 |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   lines += conv_rows(args.batch)
+  lines += ["", f"## The first block (1 -> 32 conv, 2x2 max pool, ReLU), batch {args.batch}, "
+            "median ms (grads: weight and bias)", "",
+            "| implementation | fwd | fwd+grads |", "|---|---:|---:|"]
+  lines += first_block_rows(args.batch)
   lines += ["", "## One matmul, fp32 and bf16 inputs (fp32 accumulation)", "",
             "| shape | inputs | ms | GFLOP/s |", "|---|---|---:|---:|"]
   lines += matmul_rows()
@@ -280,7 +326,7 @@ def main():
             "| conv_impl | malloc tuning | fer.native | augmentation | ms/step | images/s "
             "| minor page faults/step |", "|---|---|---|---|---:|---:|---:|"]
   lines += step_rows()
-  lines += ["", "## Where the default step's time goes (gemm_bf16, malloc tuning on; XLA:CPU "
+  lines += ["", "## Where the default step's time goes (gemm_bf16, fer.native, malloc tuning on; XLA:CPU "
             "thunk times from jax.profiler with --xla_cpu_enable_xprof_traceme=true, ms per step; "
             "the two worker threads overlap, so the sum exceeds the step time)", "",
             "| kind of op | ms per step |", "|---|---:|"]

@@ -7,9 +7,11 @@ r"""CPU/GPU training throughput over whole epochs on the real FER2013 training s
       --keras_python=/tmp/tfenv/bin/python --out=experiments/results/benchmark_train.md
       the side-by-side table, in one run on one machine: the plain JAX step (XLA convolutions and
       pooling, one step per dispatch), the project's fast path in stages (fp32 XLA convs; bf16
-      matmul convs with XLA's patches; the default, with fer.native's C++ patches, first conv
-      layer and bilinear resampling), each without and with augmentation, and, where a Python
-      with TensorFlow is given, the same network in Keras.
+      matmul convs with XLA's patches; the default, with fer.native's C++ patches, fused first
+      block and bilinear resampling), each without and with augmentation, and, where a Python
+      with TensorFlow is given, the same network in Keras. --rounds=R times the default and
+      Keras R times, alternating which goes first, and reports medians and every round's ratio
+      (this kind of shared VM drifts by tens of percent over minutes).
 
   python experiments/benchmark_train.py --config=configs/augment.py --batch_sizes=64,256 \
       --max_images=8192 --out=experiments/results/benchmark_configs.md
@@ -55,6 +57,8 @@ _KERAS = flags.DEFINE_string("keras_python", "", "A python with TensorFlow+Keras
 _OUT = flags.DEFINE_string("out", "", "Write the comparison table (markdown) here.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", [], "Without --compare: time each of these batch "
                                  "sizes (default: the config's); --out appends a row for each.")
+_ROUNDS = flags.DEFINE_integer("rounds", 1, "--compare: time the default and Keras this many "
+                               "times, alternately first, and report medians.")
 _MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "Use only the first N training images "
                                    "(an 'epoch' is then N images); 0 = all 28,709.")
 
@@ -136,36 +140,56 @@ def main(argv):
     print(f"train images/s: {rate:.0f}")
     return
   rows = []
+  default_name = ("JAX, fer default fast path (+ fer.native C++ patches, fused first block, "
+                  "resampling)")
   for name, overrides, use_native in (
       ("JAX, plain step (XLA conv + pool, 1 step/dispatch)", BASELINE, False),
       ("JAX, fer fast path with exact fp32 XLA convs", FP32_CONVS, False),
-      ("JAX, fer fast path, bf16-matmul convs with XLA's patches (FER_NO_NATIVE=1)", {}, False),
-      ("JAX, fer default fast path (+ fer.native C++ patches, first conv layer and resampling)",
-       {}, True)):
+      ("JAX, fer fast path, bf16-matmul convs with XLA's patches (FER_NO_NATIVE=1)", {}, False)):
     for aug_name, aug in (("off", NO_AUGMENT), ("on", AUGMENT)):
       c = _with(config, {**overrides, **aug})
       with native.use(use_native):  # read when the step is traced
         rate = images_per_second(c, data, _EPOCHS.value)
       rows.append((name, aug_name, rate))
       print(f"{name}, augmentation {aug_name}: {rate:.0f} images/s", flush=True)
-  if _KERAS.value:
-    with tempfile.TemporaryDirectory() as tmp:
-      npz = pathlib.Path(tmp) / "train.npz"
+  # The default and Keras, in rounds that alternate which goes first: this VM's speed drifts by
+  # tens of percent over minutes, so each round's pair is measured close together and the table
+  # reports medians over rounds.
+  rounds = []  # per round: {(implementation, augmentation): images/s}
+  keras_version = None
+  with tempfile.TemporaryDirectory() as tmp:
+    npz = pathlib.Path(tmp) / "train.npz"
+    if _KERAS.value:
       np.savez(npz, image=data["image"], label=data["label"])
-      proc = subprocess.run([_KERAS.value, str(pathlib.Path(__file__).parent / "keras_reference.py"),
-                             f"--data={npz}", f"--epochs={_EPOCHS.value + 1}",
-                             f"--batch_size={config.input.batch_size}"],
-                            capture_output=True, text=True, check=True)
-      k = json.loads(proc.stdout.strip().splitlines()[-1])
-    for aug_name, key in (("off", "plain"), ("on", "augment")):
-      rows.append((f"Keras {k['keras']} ({k['backend']}), in-memory model.fit", aug_name, k[key]))
-      print(f"Keras, augmentation {aug_name}: {k[key]:.0f} images/s", flush=True)
-  keras = {a: r for n, a, r in rows if n.startswith("Keras")}
+    for r in range(_ROUNDS.value):
+      got = {}
+      order = ("jax", "keras") if r % 2 == 0 else ("keras", "jax")
+      for side in order:
+        if side == "jax":
+          for aug_name, aug in (("off", NO_AUGMENT), ("on", AUGMENT)):
+            with native.use(True):
+              got[("jax", aug_name)] = images_per_second(_with(config, aug), data, _EPOCHS.value)
+        elif _KERAS.value:
+          k = _keras(npz, config.input.batch_size)
+          keras_version = f"Keras {k['keras']} ({k['backend']}), in-memory model.fit"
+          got[("keras", "off")], got[("keras", "on")] = k["plain"], k["augment"]
+      rounds.append(got)
+      print(f"round {r + 1}/{_ROUNDS.value}: " + ", ".join(
+          f"{side} aug {a}: {v:.0f}" for (side, a), v in sorted(got.items())), flush=True)
+  median = lambda key: float(np.median([g[key] for g in rounds]))
+  for aug_name in ("off", "on"):
+    rows.append((default_name, aug_name, median(("jax", aug_name))))
+  if keras_version:
+    for aug_name in ("off", "on"):
+      rows.append((keras_version, aug_name, median(("keras", aug_name))))
+  keras = {a: r for n, a, r in rows if n == keras_version}
   best_keras = max(keras.values(), default=None)
+  medians = f"medians over {_ROUNDS.value} rounds" if _ROUNDS.value > 1 else "one round"
   lines = [f"Machine: {machine()}. Batch {config.input.batch_size}, whole epochs of "
            f"{(len(data['image']) // config.input.batch_size) * config.input.batch_size} "
            f"images, {_EPOCHS.value} timed epoch(s) after one untimed (compiling) epoch. "
-           "fer.xla_flags' malloc tuning is process-wide, so it is on in every JAX row.",
+           "fer.xla_flags' malloc tuning is process-wide, so it is on in every JAX row. "
+           f"The default and Keras rows: {medians}, each round timing both, alternately first.",
            f"Command: `{command}`", "",
            "| implementation | augmentation | images/s | vs Keras, same augmentation "
            "| vs best Keras |", "|---|---|---:|---:|---:|"]
@@ -173,12 +197,33 @@ def main(argv):
     same = f"{rate / keras[aug_name]:.2f}x" if aug_name in keras else "-"
     ratio = f"{rate / best_keras:.2f}x" if best_keras else "-"
     lines.append(f"| {name} | {aug_name} | {rate:,.0f} | {same} | {ratio} |")
+  if keras_version:
+    lines += ["", "Each round (images/s; the ratio is the default over Keras in the same round):",
+              "", "| round | first | default, aug off | Keras, aug off | ratio | default, aug on "
+              "| Keras, aug on | ratio |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r, g in enumerate(rounds):
+      cells = []
+      for a in ("off", "on"):
+        cells += [f"{g[('jax', a)]:,.0f}", f"{g[('keras', a)]:,.0f}",
+                  f"{g[('jax', a)] / g[('keras', a)]:.2f}x"]
+      lines.append(f"| {r + 1} | {'fer' if r % 2 == 0 else 'Keras'} | " + " | ".join(cells) + " |")
+    ratios = sorted(g[("jax", "on")] / g[("keras", "on")] for g in rounds)
+    lines += ["", f"With augmentation, the default over Keras: median {np.median(ratios):.2f}x, "
+              f"range {ratios[0]:.2f}x-{ratios[-1]:.2f}x over {len(ratios)} round(s)."]
   table = "\n".join(lines)
   print(table)
   if _OUT.value:
     pathlib.Path(_OUT.value).write_text(table + "\n")
-  fast = [r for n, a, r in rows if n.startswith("JAX, fer default") and a == "on"][0]
-  print(f"train images/s: {fast:.0f}")
+  print(f"train images/s: {median(('jax', 'on')):.0f}")
+
+
+def _keras(npz, batch_size) -> dict:
+  """One run of keras_reference.py in the --keras_python environment: its JSON line."""
+  proc = subprocess.run([_KERAS.value, str(pathlib.Path(__file__).parent / "keras_reference.py"),
+                         f"--data={npz}", f"--epochs={_EPOCHS.value + 1}",
+                         f"--batch_size={batch_size}"],
+                        capture_output=True, text=True, check=True)
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

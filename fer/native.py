@@ -134,18 +134,22 @@ def _load() -> bool:
 
 
 @contextlib.contextmanager
-def use(enabled: bool):
-  """Within the block, code traced afresh uses the native kernels (enabled) or XLA's: sets
-  FER_NO_NATIVE and restores it after (benchmarks compare both in one process)."""
-  saved = os.environ.get("FER_NO_NATIVE")
-  os.environ["FER_NO_NATIVE"] = "0" if enabled else "1"
+def use(enabled: bool, direct_conv: bool = True):
+  """Within the block, code traced afresh uses the native kernels (enabled) or XLA's, and the
+  direct bf16 convolutions where direct_conv (else the patch matmul): sets FER_NO_NATIVE and
+  FER_NO_DIRECT_CONV and restores them after (benchmarks compare in one process)."""
+  values = {"FER_NO_NATIVE": "0" if enabled else "1",
+            "FER_NO_DIRECT_CONV": "0" if direct_conv else "1"}
+  saved = {k: os.environ.get(k) for k in values}
+  os.environ.update(values)
   try:
     yield
   finally:
-    if saved is None:
-      os.environ.pop("FER_NO_NATIVE")
-    else:
-      os.environ["FER_NO_NATIVE"] = saved
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k)
+      else:
+        os.environ[k] = v
 
 
 def available() -> bool:
@@ -156,7 +160,10 @@ def available() -> bool:
 
 
 def bf16_conv_available() -> bool:
-  """available(), and the CPU runs AVX-512 BF16 dot products (conv_bf16's instructions)."""
+  """available(), the CPU runs AVX-512 BF16 dot products (conv_bf16's instructions), and
+  FER_NO_DIRECT_CONV isn't 1 (then conv_gemm_bf16 keeps its patch matmul)."""
+  if os.environ.get("FER_NO_DIRECT_CONV", "") not in ("", "0"):
+    return False
   return available() and bool(_library[0].FerBf16ConvSupported())
 
 

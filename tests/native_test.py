@@ -356,7 +356,10 @@ def test_gemm_bf16_layer_uses_the_direct_kernels_where_they_apply(bf16_conv_on, 
   with native.use(False):
     want_y, want_vjp = jax.vjp(layers.conv_gemm_bf16, x, kernel)
     want = (want_y, *want_vjp(g))
-  assert not calls
+  with native.use(True, direct_conv=False):  # FER_NO_DIRECT_CONV=1: native patches + matmul
+    assert native.available() and not native.bf16_conv_available()
+    jax.vjp(layers.conv_gemm_bf16, x, kernel)[1](g)
+  assert not calls and wgrads == [(3, 3, 16, 32)]
   for a, b in zip(got, want):  # same bf16 inputs, fp32 sums in another order
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
   # Narrow convolutions keep the patch matmul (fewer than 16 input channels, or outputs not a
