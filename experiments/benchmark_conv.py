@@ -271,9 +271,8 @@ def step_rows():
     ms, faults = map(float, _run_step(impl, tuned, use_native, augment=aug,
                                       xla_bilinear=xla_bilinear, direct_conv=direct)[-1].split())
     natives = "off" if not use_native else ", ".join(
-        ["patches", "fused first block"]
-        + (["direct bf16 convs"] if direct and native.bf16_conv_available() else [])
-        + (["resampling"] if aug and not xla_bilinear else []))
+        ["direct bf16 convs" if direct and native.bf16_conv_available() else "patches",
+         "fused first block"] + (["resampling"] if aug and not xla_bilinear else []))
     rows.append(f"| {impl} | {on_off(tuned)} | {natives} | {on_off(aug)} | "
                 f"{ms:.1f} | {64 / ms * 1e3:.0f} | {faults:,.0f} |")
     print(rows[-1], flush=True)

@@ -140,8 +140,8 @@ def main(argv):
     print(f"train images/s: {rate:.0f}")
     return
   rows = []
-  default_name = ("JAX, fer default fast path (+ fer.native C++ patches, fused first block, "
-                  "resampling)")
+  default_name = ("JAX, fer default fast path (+ fer.native: direct bf16 convolutions or C++ "
+                  "patches, fused first block, resampling)")
   for name, overrides, use_native in (
       ("JAX, plain step (XLA conv + pool, 1 step/dispatch)", BASELINE, False),
       ("JAX, fer fast path with exact fp32 XLA convs", FP32_CONVS, False),

@@ -19,11 +19,17 @@ the lowering (configs say `auto`: `resolve_conv_impl` makes it gemm_bf16 on CPU,
           Layers with an odd number of input channels keep `xla` (their patches can't use the
           32-bit copy below), except the 1-channel first layer in fp32 where fer.native builds:
           its forward pass and weight gradient are then C++ kernels (fp32, equal to XLA's to
-          float rounding; the reference CNN's step 61 -> 56 ms, experiments/benchmark_conv.py).
-          Patches come from fer.native's C++ kernels where they build (one pass at memory
-          speed, 3-4x faster than XLA's; the step ~1.3x), else from XLA, copied as 16/32-bit
-          integers: XLA:CPU's concatenate of bfloat16 runs at ~0.7 GB/s, of the same bits as
-          uint32 at ~10 GB/s. Both give the same bits.
+          float rounding; the reference CNN's step 61 -> 56 ms, experiments/benchmark_conv.py),
+          with the block's 2x2 max pool and ReLU fused in for Conv2D(pool_relu=True) (CNNs
+          without batch norm: the full-size activation is never written; 58.6 -> 54.1 ms).
+          Where fer.native builds and the CPU has AVX-512 BF16, the three passes of layers with
+          16+ even input channels (and channel counts multiples of 16) are its direct bf16
+          convolutions instead: no patches, the same bf16 inputs and fp32 sums in another
+          order (~1e-6 relative); the reference CNN's step 57 -> 44 ms. Elsewhere the patches
+          come from fer.native's C++ kernels where they build (one pass at memory speed, 3-4x
+          faster than XLA's; the step ~1.3x), else from XLA, copied as 16/32-bit integers:
+          XLA:CPU's concatenate of bfloat16 runs at ~0.7 GB/s, of the same bits as uint32 at
+          ~10 GB/s. Both give the same bits.
 
 `max_pool_2x2` is 2x2/stride-2 VALID max pooling as a reshape and max, with a custom gradient:
 the output gradient goes to the first maximum of each window in row-major order, which is the
