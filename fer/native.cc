@@ -49,10 +49,10 @@
 // 5. Direct bf16 convolution (stride 1, size-keeping padding) for CPUs with AVX-512 BF16: the
 // forward pass and input gradient of layers.conv_gemm_bf16 without building patches. Each block
 // of MR output pixels x OB output channels lives in AVX-512 registers across all kh*kw*C taps,
-// which vdpbf16ps consumes two input channels at a time (bf16 products summed in fp32): ~225
-// GFLOP/s per core on the reference CNN's layers, where the patch matmul reaches ~145 plus the
-// patch copy. Same inputs as the patch matmul (bf16), fp32 sums in another order (~1e-6
-// relative apart).
+// which vdpbf16ps consumes two input channels at a time (bf16 products summed in fp32): each of
+// the reference CNN's 1.36-GFLOP layers runs forward in 3.4-4.6 ms on 2 cores, against 3.8-5.7
+// ms for the patches + YNNPACK's matmul of these narrow shapes (benchmark_conv.md). Same inputs
+// as the patch matmul (bf16), fp32 sums in another order (~1e-6 relative apart).
 // The weight gradient likewise sums pixels two at a time (pairs of pixels interleaved per image
 // in cache, instead of the transposed patches in memory).
 // fer_conv_bf16:       x [B..., N, H, W, C] bf16 (C even), w [B..., kh, kw, C, O] bf16 (O a

@@ -9,15 +9,18 @@ SAME convolution of a 1-channel image (the first layer of every fer CNN), equal 
 rounding. `conv_c1_pool` / `conv_c1_pool_grads` fuse conv_c1, layers.max_pool_2x2 and the ReLU
 (the first block of a CNN without batch norm), so that the full-size activation and its gradient
 are never written: the same bits as conv_c1, the pool and conv_c1_grads one after the other.
-`conv_bf16` is layers.conv_gemm_bf16's forward pass and input gradient as a direct convolution
-(AVX-512 BF16 dot products, no patches) where the CPU has those instructions
-(`bf16_conv_available()`): the same bf16 inputs and fp32 sums as the patch matmul, in another order.
+`conv_bf16` and `conv_bf16_wgrad` are layers.conv_gemm_bf16's three passes (forward, input
+gradient, weight gradient) as direct convolutions (AVX-512 BF16 dot products, no patches) where
+the CPU has those instructions (`bf16_conv_available()`; FER_NO_DIRECT_CONV=1 turns them off):
+the same bf16 inputs and fp32 sums as the patch matmul, in another order.
 They are XLA FFI calls into a small C++ library that this module compiles on first use with the
-system's C++ compiler (g++ -O3, ~5 s) against the FFI headers that jaxlib ships, and caches at
+system's C++ compiler (g++ -O3, ~10 s) against the FFI headers that jaxlib ships, and caches at
   $FER_NATIVE_CACHE, else ~/.cache/fer/native (a per-user temp dir if that isn't writable)
 under a name made of the source's sha256, the jaxlib version and the CPU architecture, so an
 edit or an upgrade rebuilds it. The build targets the architecture's baseline (no
--march=native), so a shared home directory serves every machine of that architecture. It
+-march=native; the vector loops are compiled for AVX-512, AVX2 and the baseline and picked at
+load time, the bf16 kernels only run where the CPU reports AVX-512 BF16), so a shared home
+directory serves every machine of that architecture. It
 writes a temporary file and renames it: a killed build leaves nothing half-written behind.
 
 `available()` is False, and the callers keep their XLA versions, where there is no compiler, the
@@ -25,8 +28,9 @@ build fails (one warning names the command and its error), the default backend i
 JAX has more than one device (XLA would run a custom call unsharded), or FER_NO_NATIVE=1.
 Results don't depend on which is used beyond float rounding: the patches are bit-identical; the
 resampling is the same fp32 formula (< 2e-3 apart on the 0..255 pixel scale); the first layer's
-convolution sums in another order than XLA's (~1e-7 relative). 3 epochs of configs/cnn.py, same
-seed: val 57.17% / test 58.43% with, 56.84% / 58.21% without (README, CPU training speed).
+convolution sums in another order than XLA's (~1e-7 relative), the direct bf16 convolutions in
+another order than the patch matmul's (~1e-6). 3 epochs of configs/cnn.py, same seed: val 57.12%
+/ test 58.26% with, 56.84% / 58.21% without (README, CPU training speed).
 """
 
 import contextlib
