@@ -803,7 +803,8 @@ ffi::Error ConvBf16Wgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   const uint16_t* gs = static_cast<const uint16_t*>(g.untyped_data());
   float* out = dw->typed_data();
   // Images per pass: at least ~256 pixel pairs (one image of 24x24, 15 of 6x6).
-  const int64_t group = std::max<int64_t>(1, std::min<int64_t>(N, 512 / (H * W)));
+  const int64_t group =
+      std::max<int64_t>(1, std::min<int64_t>(N, 512 / std::max<int64_t>(1, H * W)));
   const int64_t K = kh * kw * C * O, P = (group * H * W + 1) / 2;
   // The images of a batch in `parts` fixed ranges, each summed into its own partial gradient,
   // then the partials in range order: the same result for a given thread count.
