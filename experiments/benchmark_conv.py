@@ -325,8 +325,8 @@ def main():
             "| conv_impl | malloc tuning | fer.native | augmentation | ms/step | images/s "
             "| minor page faults/step |", "|---|---|---|---|---:|---:|---:|"]
   lines += step_rows()
-  lines += ["", "## Where the default step's time goes (gemm_bf16, fer.native, malloc tuning on; XLA:CPU "
-            "thunk times from jax.profiler with --xla_cpu_enable_xprof_traceme=true, ms per step; "
+  lines += ["", "## Where the default step's time goes (gemm_bf16, fer.native, malloc tuning on; "
+            "XLA:CPU thunk times from jax.profiler with --xla_cpu_enable_xprof_traceme=true, ms per step; "
             "the two worker threads overlap, so the sum exceeds the step time)", "",
             "| kind of op | ms per step |", "|---|---:|"]
   lines += profile_rows()

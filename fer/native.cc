@@ -747,7 +747,8 @@ ffi::Error ConvBf16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
     for (int64_t t = 0; t < taps; ++t)
       for (int64_t c = 0; c < C; ++c)
         for (int64_t o = 0; o < O; ++o)
-          wpk[b * K + ((t * (C / 2) + c / 2) * O + o) * 2 + c % 2] = ws[b * K + (t * C + c) * O + o];
+          wpk[b * K + ((t * (C / 2) + c / 2) * O + o) * 2 + c % 2] =
+              ws[b * K + (t * C + c) * O + o];
   ffi::Error status = ffi::Error::Success();
   WithBlocking(O, [&](auto OB, auto MR) {
     const int64_t blocks = (W + MR() - 1) / MR();
