@@ -749,7 +749,6 @@ ffi::Error ConvBf16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
         for (int64_t o = 0; o < O; ++o)
           wpk[b * K + ((t * (C / 2) + c / 2) * O + o) * 2 + c % 2] =
               ws[b * K + (t * C + c) * O + o];
-  ffi::Error status = ffi::Error::Success();
   WithBlocking(O, [&](auto OB, auto MR) {
     const int64_t blocks = (W + MR() - 1) / MR();
     const int64_t wpd = blocks * MR() + kw - 1, hp = H + kh - 1;
@@ -766,7 +765,7 @@ ffi::Error ConvBf16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
       }
     });
   });
-  return status;
+  return ffi::Error::Success();
 #else
   return ffi::Error::InvalidArgument("fer conv_bf16: not built for this CPU or compiler");
 #endif
@@ -781,7 +780,7 @@ ffi::Error ConvBf16Wgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   auto gd = g.dimensions();
   auto wd = dw->dimensions();
   if (x.element_type() != ffi::BF16 || g.element_type() != ffi::BF16 || xd.size() < 4 ||
-      gd.size() != xd.size() || wd.size() + 0 != xd.size())
+      gd.size() != xd.size() || wd.size() != xd.size())
     return ffi::Error::InvalidArgument(
         "fer conv_bf16_wgrad: expected bf16 x [..., N, H, W, C], g [..., N, H, W, O] and dw "
         "[..., kh, kw, C, O]");
