@@ -344,7 +344,7 @@ FER_CLONES void ConvC1Image(const float* xp, const float* w, const float* b, flo
 }
 
 // One image's convolution, 2x2 max pool (and relu): y, pos [H/2, W/2, O]. The same pixel values
-// as ConvC1Image (bit for bit), the same pooling as MaxPool, without writing the full-size
+// as ConvC1Image (bit for bit), pooled like layers.max_pool_2x2, without writing the full-size
 // activation.
 template <int64_t O, int64_t KH, int64_t KW>
 FER_CLONES void ConvC1PoolImage(const float* xp, const float* w, const float* b, float* y,
@@ -365,9 +365,9 @@ FER_CLONES void ConvC1PoolImage(const float* xp, const float* w, const float* b,
 // One image's weight gradient: dw[(i*kw + j)*O + o] = sum_{r,c} xp[(r+i)*Wp + c+j] * d[(r*W+c)*O+o]
 // and bias gradient db[o] = sum_{r,c} d[(r*W+c)*O+o] (pixels in row-major order), where d, the
 // convolution's output gradient, is g [H, W, O] (Pooled false) or comes from a fused 2x2 max pool:
-// g [H/2, W/2, O] routed by pos (d = MaxPoolGrad's dx, bit for bit, never written out). With the
-// kernel size and O known at compile time (KH, KW, O > 0) the sums live in local arrays that the
-// compiler keeps in vector registers; else (0, 0, 0) they accumulate in dw and db.
+// g [H/2, W/2, O] routed by pos (d = the pool's input gradient, bit for bit, never written out).
+// With the kernel size and O known at compile time (KH, KW, O > 0) the sums live in local arrays
+// that the compiler keeps in vector registers; else (0, 0, 0) they accumulate in dw and db.
 template <int64_t O, int64_t KH, int64_t KW, bool Pooled>
 FER_CLONES void ConvC1WgradImage(const float* xp, const float* g, const int8_t* pos, float* dw,
                                  float* db, int64_t H, int64_t W, int64_t kh_dyn, int64_t kw_dyn,
@@ -711,30 +711,55 @@ bool Bf16ConvSupported() {
 #endif
 }
 
+struct Bf16ConvShape {
+  int64_t batches, n, h, w, c, kh, kw, o;  // x [batches, n, h, w, c], kernel [kh, kw, c, o]
+};
+
+// The checks both direct bf16 kernels share: the CPU runs them; x [B..., N, H, W, C] and `other`
+// (the kernel, or the output gradient) are bf16 with x's rank; the kernel's dims k_dims
+// [B..., kh, kw, C, O] match x's batch dims and C; C is a multiple of c_multiple, O of 16; the
+// padding lies inside the kernel.
+ffi::Error CheckBf16Conv(const ffi::AnyBuffer& x, const ffi::AnyBuffer& other, dims_t k_dims,
+                         int64_t c_multiple, int64_t pt, int64_t pl, Bf16ConvShape& s,
+                         const char* what) {
+  if (!Bf16ConvSupported())
+    return ffi::Error::InvalidArgument(std::string(what) + ": this CPU has no AVX-512 BF16");
+  auto xd = x.dimensions();
+  if (x.element_type() != ffi::BF16 || other.element_type() != ffi::BF16 || xd.size() < 4 ||
+      other.dimensions().size() != xd.size() || k_dims.size() != xd.size())
+    return ffi::Error::InvalidArgument(
+        std::string(what) + ": expected bf16 x [..., N, H, W, C] and kernel [..., kh, kw, C, O] "
+        "(and g [..., N, H, W, O] for the weight gradient)");
+  const size_t nb = xd.size() - 4;
+  s.batches = 1;
+  for (size_t k = 0; k < nb; ++k) {
+    if (xd[k] != k_dims[k] || xd[k] != other.dimensions()[k])
+      return ffi::Error::InvalidArgument(std::string(what) + ": batch dims differ");
+    s.batches *= xd[k];
+  }
+  s.n = xd[nb];
+  s.h = xd[nb + 1];
+  s.w = xd[nb + 2];
+  s.c = xd[nb + 3];
+  s.kh = k_dims[nb];
+  s.kw = k_dims[nb + 1];
+  s.o = k_dims[nb + 3];
+  if (k_dims[nb + 2] != s.c || s.c % c_multiple != 0 || s.o % 16 != 0 || s.kh < 1 || s.kw < 1 ||
+      pt < 0 || pl < 0 || pt >= s.kh || pl >= s.kw)
+    return ffi::Error::InvalidArgument(
+        std::string(what) + ": need matching shapes, C a multiple of " +
+        std::to_string(c_multiple) + ", O a multiple of 16, padding inside the kernel");
+  return ffi::Error::Success();
+}
+
 ffi::Error ConvBf16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                     ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t pt, int64_t pl) {
 #ifdef FER_BF16_KERNELS
-  if (!Bf16ConvSupported())
-    return ffi::Error::InvalidArgument("fer conv_bf16: this CPU has no AVX-512 BF16");
-  auto xd = x.dimensions();
-  auto wd = w.dimensions();
-  if (x.element_type() != ffi::BF16 || w.element_type() != ffi::BF16 || xd.size() < 4 ||
-      wd.size() != xd.size())
-    return ffi::Error::InvalidArgument(
-        "fer conv_bf16: expected bf16 x [..., N, H, W, C] and w [..., kh, kw, C, O]");
-  const size_t nb = wd.size() - 4;
-  int64_t batches = 1;
-  for (size_t k = 0; k < nb; ++k) {
-    if (xd[k] != wd[k])
-      return ffi::Error::InvalidArgument("fer conv_bf16: x and w batch dims differ");
-    batches *= xd[k];
-  }
-  const int64_t N = xd[nb], H = xd[nb + 1], W = xd[nb + 2], C = xd[nb + 3];
-  const int64_t kh = wd[nb], kw = wd[nb + 1], O = wd[nb + 3];
-  if (wd[nb + 2] != C || C % 2 != 0 || O % 16 != 0 || kh < 1 || kw < 1 || pt < 0 || pl < 0 ||
-      pt >= kh || pl >= kw)
-    return ffi::Error::InvalidArgument(
-        "fer conv_bf16: need w's C = x's C (even), O a multiple of 16, padding inside the kernel");
+  Bf16ConvShape s;
+  if (ffi::Error e = CheckBf16Conv(x, w, w.dimensions(), 2, pt, pl, s, "fer conv_bf16");
+      e.failure())
+    return e;
+  const auto [batches, N, H, W, C, kh, kw, O] = s;
   if (static_cast<int64_t>(y->element_count()) != batches * N * H * W * O)
     return ffi::Error::InvalidArgument("fer conv_bf16: output size does not match x and w");
   const uint16_t* xs = static_cast<const uint16_t*>(x.untyped_data());
@@ -774,31 +799,16 @@ ffi::Error ConvBf16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
 ffi::Error ConvBf16Wgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g,
                          ffi::Result<ffi::Buffer<ffi::F32>> dw, int64_t pt, int64_t pl) {
 #ifdef FER_BF16_KERNELS
-  if (!Bf16ConvSupported())
-    return ffi::Error::InvalidArgument("fer conv_bf16_wgrad: this CPU has no AVX-512 BF16");
-  auto xd = x.dimensions();
+  Bf16ConvShape s;
+  if (ffi::Error e = CheckBf16Conv(x, g, dw->dimensions(), 16, pt, pl, s, "fer conv_bf16_wgrad");
+      e.failure())
+    return e;
+  const auto [batches, N, H, W, C, kh, kw, O] = s;
   auto gd = g.dimensions();
-  auto wd = dw->dimensions();
-  if (x.element_type() != ffi::BF16 || g.element_type() != ffi::BF16 || xd.size() < 4 ||
-      gd.size() != xd.size() || wd.size() != xd.size())
+  const size_t nb = gd.size() - 4;
+  if (gd[nb] != N || gd[nb + 1] != H || gd[nb + 2] != W || gd[nb + 3] != O)
     return ffi::Error::InvalidArgument(
-        "fer conv_bf16_wgrad: expected bf16 x [..., N, H, W, C], g [..., N, H, W, O] and dw "
-        "[..., kh, kw, C, O]");
-  const size_t nb = xd.size() - 4;
-  int64_t batches = 1;
-  for (size_t k = 0; k < nb; ++k) {
-    if (xd[k] != gd[k] || xd[k] != wd[k])
-      return ffi::Error::InvalidArgument("fer conv_bf16_wgrad: batch dims differ");
-    batches *= xd[k];
-  }
-  const int64_t N = xd[nb], H = xd[nb + 1], W = xd[nb + 2], C = xd[nb + 3];
-  const int64_t kh = wd[nb], kw = wd[nb + 1], O = wd[nb + 3];
-  if (gd[nb] != N || gd[nb + 1] != H || gd[nb + 2] != W || gd[nb + 3] != O || wd[nb + 2] != C ||
-      C % 16 != 0 || O % 16 != 0 || kh < 1 || kw < 1 || pt < 0 || pl < 0 || pt >= kh ||
-      pl >= kw)
-    return ffi::Error::InvalidArgument(
-        "fer conv_bf16_wgrad: need matching shapes, C and O multiples of 16, padding inside the "
-        "kernel");
+        "fer conv_bf16_wgrad: need matching shapes: g [..., N, H, W, O] for x and dw");
   const uint16_t* xs = static_cast<const uint16_t*>(x.untyped_data());
   const uint16_t* gs = static_cast<const uint16_t*>(g.untyped_data());
   float* out = dw->typed_data();
@@ -906,19 +916,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FerConvC1PoolWgrad, ConvC1PoolWgrad,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("pt")
                                   .Attr<int64_t>("pl"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FerConvBf16, ConvBf16,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FerConvBf16Wgrad, ConvBf16Wgrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl"));
+// Both direct bf16 kernels: (x, kernel or output gradient) -> f32, with the padding.
+#define FER_BF16_BINDING                                                          \
+  ffi::Ffi::Bind()                                                                \
+      .Ctx<ffi::ThreadPool>()                                                     \
+      .Arg<ffi::AnyBuffer>()                                                      \
+      .Arg<ffi::AnyBuffer>()                                                      \
+      .Ret<ffi::Buffer<ffi::F32>>()                                               \
+      .Attr<int64_t>("pt")                                                        \
+      .Attr<int64_t>("pl")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FerConvBf16, ConvBf16, FER_BF16_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FerConvBf16Wgrad, ConvBf16Wgrad, FER_BF16_BINDING);

@@ -139,10 +139,12 @@ def conv_gemm_bf16(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return _conv_gemm_bf16_fwd(x, kernel)[0]
 
 
-def _direct_bf16(cin: int, cout: int) -> bool:
-  """Whether fer.native's direct bf16 convolution takes cin -> cout channels here (from 16 input
-  channels: below that the patch matmul is as fast)."""
-  return cin >= 16 and cin % 2 == 0 and cout % 16 == 0 and native.bf16_conv_available()
+def _direct_bf16(cin: int, cout: int, weight_gradient: bool = False) -> bool:
+  """Whether fer.native's direct bf16 convolution (or its weight gradient, which pairs input
+  channels 16 at a time) takes cin -> cout channels here (from 16 input channels: below that the
+  patch matmul is as fast)."""
+  return (cin >= 16 and cin % (16 if weight_gradient else 2) == 0 and cout % 16 == 0
+          and native.bf16_conv_available())
 
 
 def _conv_gemm_bf16_fwd(x, kernel):
@@ -163,7 +165,7 @@ def _conv_gemm_bf16_bwd(res, g):
   kh, kw, cin, cout = kb.shape
   n, h, w, _ = g.shape
   gb = g.astype(jnp.bfloat16)
-  if cin % 16 == 0 and _direct_bf16(cin, cout):
+  if _direct_bf16(cin, cout, weight_gradient=True):
     dk = native.conv_bf16_wgrad(xb, gb, kb.shape, _same_padding((kh, kw)))
   else:
     dk = _mm_f32(_bf16_patches_t(xb, (kh, kw)), gb.reshape(n * h * w, cout))
