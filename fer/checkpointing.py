@@ -195,6 +195,8 @@ class Checkpoints:
     self._pruned = False
 
   def _set_record(self, mgr, step):
+    if jax.process_index() > 0:  # several processes share the workdir: process 0 writes
+      return
     record = _read_record(self.root)
     name = pathlib.Path(mgr.directory).name
     if step is None:

@@ -3,12 +3,17 @@ r"""Entry point: `python -m fer.main --config=configs/augment.py --workdir=runs/
 Any config key can be overridden (`--config.optim.learning_rate=3e-4`); every config takes
 `:runlocal` (`--config=configs/augment.py:runlocal`) for a seconds-long smoke test on a CPU.
 `config.job` picks the job: train (default), data_report or search.
+
+Over several hosts (a TPU pod slice, GPU nodes), every process runs the same command with
+`--multihost` and the same `--workdir` on a shared filesystem; process 0 writes the outputs
+(README, "Many devices and hosts").
 """
 
 from fer import xla_flags
 
 xla_flags.configure_cpu_defaults()  # before jax starts its backend; a no-op off CPU
 
+import os  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -19,6 +24,15 @@ from ml_collections import config_flags
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Train as one data-parallel job over several processes or hosts: "
+    "jax.distributed.initialize() first (TPU pods, SLURM, Open MPI and Kubernetes are "
+    "detected; elsewhere pass the three flags below). Same command and --workdir everywhere.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "With --multihost: HOST:PORT of process 0, where no cluster is "
+    "detected (or $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --multihost: how many.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --multihost: this one's, 0..N-1.")
 
 
 def _message(e: BaseException) -> str:
@@ -46,6 +60,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   config = flags.FLAGS.config
   job = config.get("job", "train")
+  if _MULTIHOST.value:
+    start_multihost(job)
   try:
     run(job, config)
   except (ValueError, FloatingPointError, RuntimeError) as e:
@@ -54,6 +70,22 @@ def main(argv):
     if type(e).__module__.startswith("fer."):
       sys.exit(f"fer: {type(e).__name__}: {e}")
     raise
+
+
+def start_multihost(job):
+  """Joins this process to the others (jax.distributed); only process 0 keeps its stdout."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if job != "train":
+    sys.exit(f"fer: config.job={job} runs in one process: drop --multihost.")
+  try:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  except (ValueError, RuntimeError) as e:
+    sys.exit(f"fer: --multihost: JAX's distributed runtime did not start ({e}). Outside a "
+             "detected cluster (TPU pod, SLURM, Open MPI, Kubernetes) pass "
+             "--coordinator_address=HOST:PORT --num_processes=N --process_id=I to every process.")
+  if jax.process_index() > 0:  # the same progress as process 0's; errors still go to stderr
+    sys.stdout = open(os.devnull, "w", encoding="utf-8")  # pylint: disable=consider-using-with
 
 
 def run(job, config):

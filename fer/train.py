@@ -1,10 +1,14 @@
 """train_and_evaluate(config, workdir): data on device, a jitted multi-step train loop over a
 one-axis `data` mesh, validation every epoch, orbax checkpoints, and one final test evaluation.
 
-The same code runs on one CPU, many (fake) CPU devices, a GPU or a TPU: the batch is sharded
-over the `data` axis, parameters and the uint8 data set are replicated, the state is donated.
+The same code runs on one CPU, many (fake) CPU devices, a GPU, a TPU, or several processes
+(hosts) started with `fer.main --multihost`: the batch is sharded over the `data` axis of all
+devices, parameters and the uint8 data set are replicated, the state is donated. Every process
+computes the same state and metrics; process 0 alone writes files (orbax coordinates the
+checkpoints), so the workdir must be one shared directory.
 """
 
+import contextlib
 import json
 import math
 import pathlib
@@ -16,6 +20,7 @@ from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -87,6 +92,9 @@ def validate_config(config):
   if isinstance(config.input.batch_size, int) and config.input.batch_size % ndev:
     problems.append(f"input.batch_size={config.input.batch_size} is not divisible by the "
                     f"{ndev} devices; use a multiple of {ndev}")
+  if jax.process_count() > 1 and config.model.name == "vgg16_head":
+    problems.append("model.name='vgg16_head' (a head on cached VGG16 features) caches its "
+                    "features in one process: run it without --multihost")
   for key in ("model.dropout", "model.conv_dropout", "augment.erase_prob"):
     group, name = key.split(".")
     if not 0 <= config[group][name] < 1:
@@ -229,6 +237,8 @@ def predict_probs(predict_fn, variables, images: np.ndarray, batch_size: int, me
     if n < batch_size:
       batch = np.concatenate([batch, np.zeros((batch_size - n,) + batch.shape[1:], batch.dtype)])
     probs = predict_fn(variables, jax.device_put(batch, sharding))
+    if not probs.is_fully_addressable:  # several processes: each holds its devices' rows
+      probs = multihost_utils.process_allgather(probs, tiled=True)
     out.append(np.asarray(probs)[:n])
   return np.concatenate(out) if out else np.zeros((0, NUM_CLASSES), np.float32)
 
@@ -336,8 +346,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   validate_config(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  with checkpointing.WorkdirLock(workdir):
+  with checkpointing.WorkdirLock(workdir) if is_primary() else contextlib.nullcontext():
     return _train_and_evaluate(config, workdir, data)
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's files: always, but for processes 1.. of a
+  multi-process run (fer.main --multihost)."""
+  return jax.process_index() == 0
+
+
+def _load_data_once(config, workdir):
+  """load_data, by process 0 first where several processes share the data dir (a first run
+  prepares it), then by the others."""
+  if jax.process_count() == 1:
+    return load_data(config, workdir)
+  if not is_primary():
+    multihost_utils.sync_global_devices("fer: data prepared")
+  data = load_data(config, workdir)
+  if is_primary():
+    multihost_utils.sync_global_devices("fer: data prepared")
+  return data
 
 
 def _train_and_evaluate(config, workdir, data=None):
@@ -347,9 +376,10 @@ def _train_and_evaluate(config, workdir, data=None):
     print(f"{workdir} is complete: val/accuracy {results['val/accuracy']:.4f}, test/accuracy "
           f"{results['test/accuracy']:.4f}. Delete {results_path} to evaluate again.", flush=True)
     return results
-  fileio.write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
+  if is_primary():
+    fileio.write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
 
-  data = load_data(config, workdir) if data is None else data
+  data = _load_data_once(config, workdir) if data is None else data
   train_x, train_y = data["train"]["image"], data["train"]["label"]
   num_train = len(train_x)
   batch_size = config.input.batch_size
@@ -376,14 +406,16 @@ def _train_and_evaluate(config, workdir, data=None):
   if restored is not None:
     _, state, meta = restored
     print(f"Resuming {workdir} after epoch {meta['epoch']} (step {int(state.step)}).", flush=True)
-    fileio.write_json_atomic(workdir / "metrics.jsonl", meta["history"], jsonl=True)  # may lag a kill
+    if is_primary():  # metrics.jsonl may lag a kill
+      fileio.write_json_atomic(workdir / "metrics.jsonl", meta["history"], jsonl=True)
   elif config.init_from or config.pretrained.weights != "none":
     state = _initialise_from(config, state, shardings)
 
   devices = jax.devices()
   print(f"{num_params:,} parameters; {num_train} train / {len(data['val']['image'])} val / "
-        f"{len(data['test']['image'])} test images; {len(devices)} x {devices[0].device_kind}; "
-        f"batch {batch_size}, {steps_per_epoch} steps per epoch"
+        f"{len(data['test']['image'])} test images; {len(devices)} x {devices[0].device_kind}"
+        + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
+        + f"; batch {batch_size}, {steps_per_epoch} steps per epoch"
         + (f"; conv_impl {model.conv_impl}" if hasattr(model, "conv_impl") else "")
         + ("; fer.native CPU kernels" if native.available() else "") + ".",
         flush=True)
@@ -395,7 +427,7 @@ def _train_and_evaluate(config, workdir, data=None):
                                                             num_train), out_shardings=replicated)
   run_epoch = make_epoch_runner(model, tx, config, mesh, steps_per_epoch)
   predict = make_predict(model, "none")
-  writer = _Writer(workdir)
+  writer = _Writer(workdir) if is_primary() else None
   log_every = max(1, config.train.log_every_steps)
 
   try:
@@ -453,7 +485,8 @@ def _train_and_evaluate(config, workdir, data=None):
       if improved:
         ckpts.save_best(epoch, state, meta, val["val/accuracy"])
       ckpts.save_last(epoch, state, meta)
-      writer.write(meta["history"], row)
+      if writer is not None:
+        writer.write(meta["history"], row)
       remaining = (num_epochs - epoch) * (time.perf_counter() - t0)
       print(f"epoch {epoch}/{num_epochs} | {row['train/images_per_second']:,.0f} img/s | "
             f"train loss {train_loss:.4f} acc {train_acc:.4f} | val loss {val['val/loss']:.4f} "
@@ -466,7 +499,8 @@ def _train_and_evaluate(config, workdir, data=None):
     results = _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, model,
                                 meta, num_params)
   finally:
-    writer.close()
+    if writer is not None:
+      writer.close()
     ckpts.close()
   return results
 
@@ -521,7 +555,8 @@ def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, mode
     probs = predict_probs(predict, variables, data[split]["image"],
                           config.input.eval_batch_size, mesh)
     split_metrics[split] = metrics_lib.classification_metrics(probs, data[split]["label"], split)
-    np.save(workdir / f"{split}_probs.npy", probs.astype(np.float32))
+    if is_primary():
+      np.save(workdir / f"{split}_probs.npy", probs.astype(np.float32))
   devices = jax.devices()
   results = {
       "val/accuracy": split_metrics["val"]["val/accuracy"],
@@ -535,17 +570,19 @@ def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, mode
       "classes": list(CLASSES),
       "device_kind": devices[0].device_kind,
       "device_count": len(devices),
+      "process_count": jax.process_count(),
       "platform": devices[0].platform,
       "conv_impl": getattr(model, "conv_impl", None),  # model.conv_impl=auto, resolved
       "native_kernels": native.available(),  # fer.native's C++ kernels (CPU only)
       "git_commit": git_commit(),
       **split_metrics["val"], **split_metrics["test"],
   }
-  plots.confusion_matrix(np.array(results["test/confusion_matrix"]), CLASSES,
-                         workdir / "confusion_matrix.png",
-                         title=f"test accuracy {results['test/accuracy']:.3f}")
-  plots.learning_curves(meta["history"], workdir / "learning_curves.png")
-  fileio.write_json_atomic(workdir / "results.json", results)
+  if is_primary():
+    plots.confusion_matrix(np.array(results["test/confusion_matrix"]), CLASSES,
+                           workdir / "confusion_matrix.png",
+                           title=f"test accuracy {results['test/accuracy']:.3f}")
+    plots.learning_curves(meta["history"], workdir / "learning_curves.png")
+    fileio.write_json_atomic(workdir / "results.json", results)
   print(f"Best epoch {best_epoch}: val/accuracy {results['val/accuracy']:.4f}, test/accuracy "
         f"{results['test/accuracy']:.4f}, test/macro_f1 {results['test/macro_f1']:.4f} "
         f"({config.eval.tta} TTA). Results in {workdir}/results.json", flush=True)

@@ -142,13 +142,17 @@ def test_param_counts(get_config, expected):
   assert sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)) == expected
 
 
+def main_command(workdir, *extra):
+  """`python -m fer.main` of a tiny synthetic-data run, seconds long."""
+  return [sys.executable, "-m", "fer.main", "--config=configs/cnn.py:runlocal",
+          f"--workdir={workdir}", "--config.model.conv_features=(8,16)",
+          "--config.model.dense_features=(32,)", "--config.input.synthetic_train_size=448",
+          "--config.train.steps_per_dispatch=2", *extra]
+
+
 def _run_main(workdir, *extra, env=None):
-  cmd = [sys.executable, "-m", "fer.main", "--config=configs/cnn.py:runlocal",
-         f"--workdir={workdir}", "--config.model.conv_features=(8,16)",
-         "--config.model.dense_features=(32,)", "--config.input.synthetic_train_size=448",
-         "--config.train.steps_per_dispatch=2", *extra]
-  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                        env={**os.environ, **(env or {})})
+  return subprocess.run(main_command(workdir, *extra), cwd=REPO, capture_output=True, text=True,
+                        timeout=300, env={**os.environ, **(env or {})})
 
 
 def test_main_end_to_end_writes_every_output(tmp_path):
