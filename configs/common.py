@@ -33,8 +33,9 @@ def base() -> ml_collections.ConfigDict:
   c.model.dense_features = (512, 256, 128)
   c.model.dropout = 0.0
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-  # Conv lowering (fer/models/layers.py): auto = gemm_bf16 (bf16 matmul inputs, fp32 accumulation;
-  # 1.3x the whole step on a 2-core AVX-512 CPU) on CPU, xla elsewhere. xla = exact fp32 on CPU.
+  # Conv lowering (fer/models/layers.py): auto = winograd_bf16 on CPU (bf16 operands, fp32 sums;
+  # 3x3 layers as Winograd F(2x2, 3x3) where fer.native's AVX-512 BF16 kernels run), xla
+  # elsewhere. gemm_bf16 = the same without Winograd; xla = exact fp32 on CPU.
   c.model.conv_impl = "auto"
   c.model.pool_impl = "reshape"  # xla | reshape: max pool with a cheap gradient, same results
 

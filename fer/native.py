@@ -55,7 +55,7 @@ TARGETS = {"fer_patches": "FerPatches", "fer_patches_t": "FerPatchesT",
            "fer_bilinear": "FerBilinear", "fer_conv_c1": "FerConvC1",
            "fer_conv_c1_wgrad": "FerConvC1Wgrad", "fer_conv_c1_pool": "FerConvC1Pool",
            "fer_conv_c1_pool_wgrad": "FerConvC1PoolWgrad", "fer_conv_bf16": "FerConvBf16",
-           "fer_conv_bf16_wgrad": "FerConvBf16Wgrad"}
+           "fer_conv_bf16_wgrad": "FerConvBf16Wgrad", "fer_conv_wino_bf16": "FerConvWinoBf16"}
 
 
 def cache_dir() -> Path:
@@ -270,3 +270,14 @@ def conv_bf16_wgrad(x: jax.Array, g: jax.Array, kernel_shape, padding) -> jax.Ar
                           jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32),
                           vmap_method="broadcast_all")(
       x.astype(jnp.bfloat16), g.astype(jnp.bfloat16), **_pad_attrs(kernel_shape[:2], padding))
+
+
+def conv_wino_bf16(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """conv_bf16 of a 3x3 kernel with SAME padding as Winograd F(2x2, 3x3): x [N, H, W, C] bf16
+  (H and W even, C a multiple of 16), kernel [3, 3, C, O] (O a multiple of 16) -> f32
+  [N, H, W, O]; ~0.45x the work, ~1.8x the rounding error (native.cc). Needs
+  bf16_conv_available()."""
+  return jax.ffi.ffi_call("fer_conv_wino_bf16",
+                          jax.ShapeDtypeStruct(x.shape[:-1] + kernel.shape[-1:], jnp.float32),
+                          vmap_method="broadcast_all")(
+      x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), pt=np.int64(1), pl=np.int64(1))

@@ -47,7 +47,7 @@ def test_conv2d_matches_nn_conv(impl, n, h, w, cin, cout, k):
     return [jax.grad(loss, argnums=(1, 2), has_aux=True)(m, p, x) for m in (ours, ref)]
 
   ((dp, dx), y), ((dp_ref, dx_ref), y_ref) = outputs_and_grads(params, x)
-  if impl == "gemm_bf16":  # bf16 matmul inputs: close to fp32, not equal (see the next test)
+  if impl in layers.BF16_IMPLS:  # bf16 matmul inputs: close to fp32, not equal (next test)
     scale = lambda a: float(jnp.abs(a).max())
     np.testing.assert_allclose(y, y_ref, atol=1e-2 * scale(y_ref))
     np.testing.assert_allclose(dx, dx_ref, atol=1e-2 * scale(dx_ref))
@@ -148,7 +148,7 @@ def test_cnn_impls_share_params_and_match():
   outs = jax.jit(lambda p: [logits_and_grads(m, p) for m in models])(params)
   ref_logits, ref_grads = outs[0]
   for model, (logits, grads) in zip(models[1:], outs[1:]):
-    bf16 = model.conv_impl == "gemm_bf16"
+    bf16 = model.conv_impl in layers.BF16_IMPLS
     np.testing.assert_allclose(logits, ref_logits, rtol=2e-2 if bf16 else 1e-4,
                                atol=1e-2 if bf16 else 1e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
@@ -164,7 +164,7 @@ def test_cnn_impls_share_params_and_match():
 
 def test_resolve_conv_impl():
   assert layers.resolve_conv_impl("auto") == (
-      "gemm_bf16" if jax.default_backend() == "cpu" else "xla")
+      "winograd_bf16" if jax.default_backend() == "cpu" else "xla")
   assert layers.resolve_conv_impl("im2col") == "im2col"
   with pytest.raises(ValueError, match="conv_impl='fast'"):
     layers.resolve_conv_impl("fast")

@@ -30,7 +30,7 @@ class CNN(nn.Module):
   dropout: float = 0.0
   num_classes: int = NUM_CLASSES
   dtype: jnp.dtype = jnp.float32
-  conv_impl: str = "xla"  # xla | im2col
+  conv_impl: str = "xla"  # layers.CONV_IMPLS
   pool_impl: str = "reshape"  # xla (nn.max_pool) | reshape (layers.max_pool_2x2, cheap gradient)
 
   @nn.compact
