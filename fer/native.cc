@@ -1003,6 +1003,132 @@ FER_BF16_TARGET void WinoTiles(const uint16_t* x, const uint16_t* U, float* y, i
     }
   }
 }
+
+// The weight gradient as F(3x3, 2x2): per tile, the 4x4 input window d and the 2x2 output
+// gradient e give dW += G^T [(A e A^T) * (B^T d B)] G, so M = sum over tiles of E * V (16
+// matmuls C x tiles times tiles x O, the tiles two at a time for vdpbf16ps) and dW = G^T M G.
+// Tiles [t0, t0 + nt) of x [N, H, W, C] and g [N, H, W, O] (bf16) are added into Mp [16][C][O]
+// (f32); V [16][P][C][2] and E [16][P][O][2] (P = pairs of tiles, the last one padded with a
+// zero tile) and ta, tb [16][max(C, O)] are scratch.
+template <int OB, int MR>
+FER_BF16_TARGET void WinoWgradTiles(const uint16_t* x, const uint16_t* g, float* Mp, int64_t t0,
+                                    int64_t nt, int64_t H, int64_t W, int64_t C, int64_t O,
+                                    uint16_t* V, uint16_t* E, uint16_t* ta, uint16_t* tb) {
+  constexpr int Q = OB / 16;
+  const int64_t tw = W / 2, per_image = (H / 2) * tw, P = (nt + 1) / 2, L = std::max(C, O);
+  for (int64_t pp = 0; pp < P; ++pp) {
+    for (int64_t e = 0; e < 2; ++e) {
+      uint16_t* tmp = e ? tb : ta;
+      const int64_t i = 2 * pp + e;
+      if (i >= nt) {
+        std::fill_n(tmp, 16 * L, uint16_t{0});
+        continue;
+      }
+      const int64_t t = t0 + i, n = t / per_image, ty = t % per_image / tw, tx = t % tw;
+      const uint16_t* src[4][4];
+      for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < 4; ++c) {
+          const int64_t yy = 2 * ty - 1 + r, xx = 2 * tx - 1 + c;
+          src[r][c] = yy >= 0 && yy < H && xx >= 0 && xx < W ? x + ((n * H + yy) * W + xx) * C
+                                                             : nullptr;
+        }
+      for (int64_t k = 0; k < C; k += 16) {  // V = B^T d B, as in WinoTiles
+        __m512 d[4][4], b[4][4];
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < 4; ++c)
+            d[r][c] = src[r][c] ? LoadBf16(src[r][c] + k) : _mm512_setzero_ps();
+        for (int c = 0; c < 4; ++c) {
+          b[0][c] = _mm512_sub_ps(d[0][c], d[2][c]);
+          b[1][c] = _mm512_add_ps(d[1][c], d[2][c]);
+          b[2][c] = _mm512_sub_ps(d[2][c], d[1][c]);
+          b[3][c] = _mm512_sub_ps(d[1][c], d[3][c]);
+        }
+        for (int r = 0; r < 4; ++r) {
+          StoreBf16(tmp + (r * 4 + 0) * L + k, _mm512_sub_ps(b[r][0], b[r][2]));
+          StoreBf16(tmp + (r * 4 + 1) * L + k, _mm512_add_ps(b[r][1], b[r][2]));
+          StoreBf16(tmp + (r * 4 + 2) * L + k, _mm512_sub_ps(b[r][2], b[r][1]));
+          StoreBf16(tmp + (r * 4 + 3) * L + k, _mm512_sub_ps(b[r][1], b[r][3]));
+        }
+      }
+    }
+    for (int k = 0; k < 16; ++k) Interleave(ta + k * L, tb + k * L, V + (k * P + pp) * C * 2, C);
+    for (int64_t e = 0; e < 2; ++e) {
+      uint16_t* tmp = e ? tb : ta;
+      const int64_t i = 2 * pp + e;
+      if (i >= nt) {
+        std::fill_n(tmp, 16 * L, uint16_t{0});
+        continue;
+      }
+      const int64_t t = t0 + i, n = t / per_image, ty = t % per_image / tw, tx = t % tw;
+      const uint16_t* src = g + ((n * H + 2 * ty) * W + 2 * tx) * O;
+      for (int64_t k = 0; k < O; k += 16) {  // A e A^T: rows (e0, e0 + e1, e0 - e1, -e1)
+        __m512 r[4][2];
+        for (int c = 0; c < 2; ++c) {
+          const __m512 e0 = LoadBf16(src + c * O + k), e1 = LoadBf16(src + (W + c) * O + k);
+          r[0][c] = e0;
+          r[1][c] = _mm512_add_ps(e0, e1);
+          r[2][c] = _mm512_sub_ps(e0, e1);
+          r[3][c] = _mm512_sub_ps(_mm512_setzero_ps(), e1);
+        }
+        for (int q = 0; q < 4; ++q) {
+          StoreBf16(tmp + (q * 4 + 0) * L + k, r[q][0]);
+          StoreBf16(tmp + (q * 4 + 1) * L + k, _mm512_add_ps(r[q][0], r[q][1]));
+          StoreBf16(tmp + (q * 4 + 2) * L + k, _mm512_sub_ps(r[q][0], r[q][1]));
+          StoreBf16(tmp + (q * 4 + 3) * L + k, _mm512_sub_ps(_mm512_setzero_ps(), r[q][1]));
+        }
+      }
+    }
+    for (int k = 0; k < 16; ++k) Interleave(ta + k * L, tb + k * L, E + (k * P + pp) * O * 2, O);
+  }
+  for (int k = 0; k < 16; ++k) {
+    float* mk = Mp + k * C * O;
+    for (int64_t ob = 0; ob < O; ob += OB)
+      for (int64_t c0 = 0; c0 < C; c0 += MR) {
+        __m512 acc[MR][Q];
+        for (int m = 0; m < MR; ++m)
+          for (int q = 0; q < Q; ++q) acc[m][q] = _mm512_loadu_ps(mk + (c0 + m) * O + ob + q * 16);
+        for (int64_t pp = 0; pp < P; ++pp) {
+          __m512bh b[Q];
+          for (int q = 0; q < Q; ++q)
+            b[q] = (__m512bh)_mm512_loadu_si512(E + ((k * P + pp) * O + ob + q * 16) * 2);
+          const uint16_t* va = V + ((k * P + pp) * C + c0) * 2;
+          for (int m = 0; m < MR; ++m) {
+            uint32_t pair;
+            std::memcpy(&pair, va + 2 * m, sizeof(pair));
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+            for (int q = 0; q < Q; ++q) acc[m][q] = _mm512_dpbf16_ps(acc[m][q], a, b[q]);
+          }
+        }
+        for (int m = 0; m < MR; ++m)
+          for (int q = 0; q < Q; ++q) _mm512_storeu_ps(mk + (c0 + m) * O + ob + q * 16, acc[m][q]);
+      }
+  }
+}
+
+// dw [3, 3, C, O] = G^T M G for input channels [c0, c1), from M [16][C][O].
+FER_BF16_TARGET void WinoWgradOut(const float* M, float* dw, int64_t C, int64_t O, int64_t c0,
+                                  int64_t c1) {
+  const __m512 half = _mm512_set1_ps(0.5f);
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t o = 0; o < O; o += 16) {
+      __m512 m[4][4], s[3][4];
+      for (int r = 0; r < 4; ++r)
+        for (int j = 0; j < 4; ++j) m[r][j] = _mm512_loadu_ps(M + ((r * 4 + j) * C + c) * O + o);
+      for (int j = 0; j < 4; ++j) {
+        const __m512 sum = _mm512_mul_ps(half, _mm512_add_ps(m[1][j], m[2][j]));
+        s[0][j] = _mm512_add_ps(m[0][j], sum);
+        s[1][j] = _mm512_mul_ps(half, _mm512_sub_ps(m[1][j], m[2][j]));
+        s[2][j] = _mm512_add_ps(sum, m[3][j]);
+      }
+      for (int i = 0; i < 3; ++i) {
+        const __m512 sum = _mm512_mul_ps(half, _mm512_add_ps(s[i][1], s[i][2]));
+        float* out = dw + (i * 3 * C + c) * O + o;
+        _mm512_storeu_ps(out, _mm512_add_ps(s[i][0], sum));
+        _mm512_storeu_ps(out + C * O, _mm512_mul_ps(half, _mm512_sub_ps(s[i][1], s[i][2])));
+        _mm512_storeu_ps(out + 2 * C * O, _mm512_add_ps(sum, s[i][3]));
+      }
+    }
+}
 #endif
 
 ffi::Error ConvWinoBf16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
@@ -1043,6 +1169,71 @@ ffi::Error ConvWinoBf16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
   return ffi::Error::Success();
 #else
   return ffi::Error::InvalidArgument("fer conv_wino_bf16: not built for this CPU or compiler");
+#endif
+}
+
+ffi::Error ConvWinoBf16Wgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g,
+                             ffi::Result<ffi::Buffer<ffi::F32>> dw, int64_t pt, int64_t pl) {
+#ifdef FER_BF16_KERNELS
+  Bf16ConvShape s;
+  if (ffi::Error e = CheckBf16Conv(x, g, dw->dimensions(), 16, pt, pl, s,
+                                   "fer conv_wino_bf16_wgrad");
+      e.failure())
+    return e;
+  const auto [batches, N, H, W, C, kh, kw, O] = s;
+  auto gd = g.dimensions();
+  const size_t nb = gd.size() - 4;
+  if (gd[nb] != N || gd[nb + 1] != H || gd[nb + 2] != W || gd[nb + 3] != O)
+    return ffi::Error::InvalidArgument(
+        "fer conv_wino_bf16_wgrad: need matching shapes: g [..., N, H, W, O] for x and dw");
+  if (kh != 3 || kw != 3 || pt != 1 || pl != 1 || H % 2 || W % 2)
+    return ffi::Error::InvalidArgument(
+        "fer conv_wino_bf16_wgrad: needs a 3x3 kernel, SAME padding and an even height and "
+        "width");
+  const uint16_t* xs = static_cast<const uint16_t*>(x.untyped_data());
+  const uint16_t* gs = static_cast<const uint16_t*>(g.untyped_data());
+  float* out = dw->typed_data();
+  const int64_t tiles = N * (H / 2) * (W / 2), KM = 16 * C * O, L = std::max(C, O);
+  // Fixed tile ranges, one partial M each, summed in range order: the same result for a given
+  // thread count. Passes of TB tiles: ~256 KB of transformed tiles where M is small (they stay
+  // in cache), as many tiles as M has channel pairs where it is large (M is read and written
+  // once per pass).
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(tiles, pool.num_threads()));
+  const int64_t per = (tiles + parts - 1) / parts;
+  const int64_t want = std::max<int64_t>((256 << 10) / (32 * (C + O)), 2 * C * O / (C + O));
+  const int64_t passes = std::max<int64_t>(1, (per + want - 1) / want);
+  const int64_t TB = ((per + passes - 1) / passes + 1) / 2 * 2;
+  std::unique_ptr<float[]> partial(new float[parts * KM]);
+  std::unique_ptr<float[]> M(new float[KM]);
+  for (int64_t b = 0; b < batches; ++b) {
+    WithBlocking(O % 32 == 0 ? 32 : 16, [&](auto OB, auto) {
+      constexpr int MR = 8;
+      ParallelFor(pool, parts, int64_t{1} << 40, [&](int64_t p0, int64_t p1) {
+        const int64_t P = TB / 2;
+        std::unique_ptr<uint16_t[]> V(new uint16_t[16 * P * C * 2]), E(new uint16_t[16 * P * O * 2]),
+            ta(new uint16_t[16 * L]), tb(new uint16_t[16 * L]);
+        for (int64_t p = p0; p < p1; ++p) {
+          float* Mp = partial.get() + p * KM;
+          std::fill(Mp, Mp + KM, 0.0f);
+          const int64_t end = std::min(tiles, (p + 1) * per);
+          for (int64_t t = p * per; t < end; t += TB)
+            WinoWgradTiles<OB(), MR>(xs + b * N * H * W * C, gs + b * N * H * W * O, Mp, t,
+                                     std::min(TB, end - t), H, W, C, O, V.get(), E.get(),
+                                     ta.get(), tb.get());
+        }
+      });
+    });
+    std::copy(partial.get(), partial.get() + KM, M.get());
+    for (int64_t p = 1; p < parts; ++p)
+      for (int64_t k = 0; k < KM; ++k) M[k] += partial[p * KM + k];
+    ParallelFor(pool, C, C * O * 64, [&](int64_t c0, int64_t c1) {
+      WinoWgradOut(M.get(), out + b * 9 * C * O, C, O, c0, c1);
+    });
+  }
+  return ffi::Error::Success();
+#else
+  return ffi::Error::InvalidArgument(
+      "fer conv_wino_bf16_wgrad: not built for this CPU or compiler");
 #endif
 }
 
@@ -1122,3 +1313,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FerConvC1PoolWgrad, ConvC1PoolWgrad,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FerConvBf16, ConvBf16, FER_BF16_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FerConvBf16Wgrad, ConvBf16Wgrad, FER_BF16_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FerConvWinoBf16, ConvWinoBf16, FER_BF16_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FerConvWinoBf16Wgrad, ConvWinoBf16Wgrad, FER_BF16_BINDING);

@@ -55,7 +55,8 @@ TARGETS = {"fer_patches": "FerPatches", "fer_patches_t": "FerPatchesT",
            "fer_bilinear": "FerBilinear", "fer_conv_c1": "FerConvC1",
            "fer_conv_c1_wgrad": "FerConvC1Wgrad", "fer_conv_c1_pool": "FerConvC1Pool",
            "fer_conv_c1_pool_wgrad": "FerConvC1PoolWgrad", "fer_conv_bf16": "FerConvBf16",
-           "fer_conv_bf16_wgrad": "FerConvBf16Wgrad", "fer_conv_wino_bf16": "FerConvWinoBf16"}
+           "fer_conv_bf16_wgrad": "FerConvBf16Wgrad", "fer_conv_wino_bf16": "FerConvWinoBf16",
+           "fer_conv_wino_bf16_wgrad": "FerConvWinoBf16Wgrad"}
 
 
 def cache_dir() -> Path:
@@ -281,3 +282,12 @@ def conv_wino_bf16(x: jax.Array, kernel: jax.Array) -> jax.Array:
                           jax.ShapeDtypeStruct(x.shape[:-1] + kernel.shape[-1:], jnp.float32),
                           vmap_method="broadcast_all")(
       x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), pt=np.int64(1), pl=np.int64(1))
+
+
+def conv_wino_bf16_wgrad(x: jax.Array, g: jax.Array) -> jax.Array:
+  """The kernel gradient [3, 3, C, O] (f32) of conv_wino_bf16(x, kernel) for the output gradient
+  g [N, H, W, O], as Winograd F(3x3, 2x2); x and g bf16, C and O multiples of 16, H, W even."""
+  return jax.ffi.ffi_call("fer_conv_wino_bf16_wgrad",
+                          jax.ShapeDtypeStruct((3, 3, x.shape[-1], g.shape[-1]), jnp.float32),
+                          vmap_method="broadcast_all")(
+      x.astype(jnp.bfloat16), g.astype(jnp.bfloat16), pt=np.int64(1), pl=np.int64(1))

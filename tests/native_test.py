@@ -382,10 +382,11 @@ def test_direct_bf16_conv_rejects_bad_shapes(bf16_conv_on):
                                 jnp.zeros((2, 6, 5, 32), jnp.bfloat16), **attrs))
 
 
-def _winograd_reference(x, kernel):
-  """F(2x2, 3x3) in jnp with V and U rounded to bf16 like fer.native's kernel (SAME, even H, W)."""
+def _winograd_reference(x, kernel, g):
+  """F(2x2, 3x3) in jnp with V and U rounded to bf16 like fer.native's kernels (SAME, even H, W),
+  and the weight gradient for the output gradient g as F(3x3, 2x2) (A g A^T rounded too)."""
   bt = jnp.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], jnp.float32)
-  g = jnp.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], jnp.float32)
+  gm = jnp.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], jnp.float32)
   at = jnp.array([[1, 1, 1, 0], [0, 1, -1, -1]], jnp.float32)
   n, h, w, _ = x.shape
   xp = jnp.pad(x.astype(jnp.float32), [(0, 0), (1, 1), (1, 1), (0, 0)])
@@ -393,10 +394,14 @@ def _winograd_reference(x, kernel):
                      for i in range(h // 2)], 1)  # [n, h/2, w/2, 4, 4, C]
   rnd = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)
   v = rnd(jnp.einsum("ij,nabjkc,lk->nabilc", bt, tiles, bt))
-  u = rnd(jnp.einsum("ij,jkco,lk->ilco", g, kernel.astype(jnp.float32), g))
+  u = rnd(jnp.einsum("ij,jkco,lk->ilco", gm, kernel.astype(jnp.float32), gm))
   m = jnp.einsum("nabilc,ilco->nabilo", v, u, precision="highest")
   y = jnp.einsum("ij,nabjko,lk->nabilo", at, m, at, precision="highest")
-  return y.transpose(0, 1, 3, 2, 4, 5).reshape(n, h, w, -1)
+  gt = g.astype(jnp.float32).reshape(n, h // 2, 2, w // 2, 2, -1).transpose(0, 1, 3, 2, 4, 5)
+  e = rnd(jnp.einsum("ji,nabjko,kl->nabilo", at, gt, at))  # A e A^T, A = at^T
+  mw = jnp.einsum("nabilc,nabilo->ilco", v, e, precision="highest")
+  dw = jnp.einsum("ji,jkco,kl->ilco", gm, mw, gm, precision="highest")
+  return y.transpose(0, 1, 3, 2, 4, 5).reshape(n, h, w, -1), dw
 
 
 @pytest.mark.parametrize("x_shape,kernel_shape", [
@@ -404,26 +409,36 @@ def _winograd_reference(x, kernel):
     ((3, 6, 10, 32), (3, 3, 32, 16)),     # non-square images, 1 x 24 register blocks
     ((1, 12, 12, 256), (3, 3, 256, 64)),  # 36 tiles in blocks of 24 (wide C), 4 x 6 blocks
 ])
-def test_winograd_conv_is_winograd_in_bf16_and_close_to_exact_fp32(bf16_conv_on, x_shape,
-                                                                    kernel_shape):
+def test_winograd_conv_and_weight_gradient_are_winograd_in_bf16_and_close_to_exact_fp32(
+    bf16_conv_on, x_shape, kernel_shape):
   x = _bf16(x_shape, 9)
   kernel = (_bf16(kernel_shape, 10).astype(jnp.float32) / np.sqrt(9 * x_shape[-1])).astype(
       jnp.bfloat16)
+  g = _bf16(x_shape[:-1] + kernel_shape[-1:], 11)
   got = native.conv_wino_bf16(x, kernel)
-  assert got.dtype == jnp.float32 and got.shape == x_shape[:-1] + kernel_shape[-1:]
+  got_dw = native.conv_wino_bf16_wgrad(x, g)
+  assert got.dtype == got_dw.dtype == jnp.float32
+  assert got.shape == g.shape and got_dw.shape == kernel_shape
   rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-  assert rel(got, _winograd_reference(x, kernel)) < 1e-4  # the same algorithm and roundings
-  exact = layers.conv_xla(x.astype(jnp.float32), kernel.astype(jnp.float32))
-  assert rel(got, exact) < 6e-3  # only the transforms round here (x and kernel are bf16): ~4e-3
-  # under vmap each model uses its own kernel
-  xs, ks = jnp.stack([x, x[::-1]]), jnp.stack([kernel, -kernel])
-  got = jax.jit(jax.vmap(native.conv_wino_bf16))(xs, ks)
-  np.testing.assert_allclose(got[1], native.conv_wino_bf16(x[::-1], -kernel), rtol=1e-6,
+  want, want_dw = _winograd_reference(x, kernel, g)
+  assert rel(got, want) < 1e-4 and rel(got_dw, want_dw) < 1e-4  # the same algorithm, roundings
+  f32 = lambda a: a.astype(jnp.float32)
+  exact, vjp = jax.vjp(lambda k: layers.conv_xla(f32(x), k), f32(kernel))
+  # only the transforms round here (x, kernel and g are bf16): ~4e-3
+  assert rel(got, exact) < 6e-3 and rel(got_dw, vjp(f32(g))[0]) < 6e-3
+  # under vmap each model uses its own data
+  xs, ks, gs = jnp.stack([x, x[::-1]]), jnp.stack([kernel, -kernel]), jnp.stack([g, -g])
+  got = jax.jit(jax.vmap(lambda x, k, g: (native.conv_wino_bf16(x, k),
+                                          native.conv_wino_bf16_wgrad(x, g))))(xs, ks, gs)
+  np.testing.assert_allclose(got[0][1], native.conv_wino_bf16(x[::-1], -kernel), rtol=1e-6,
+                             atol=1e-6)
+  np.testing.assert_allclose(got[1][1], native.conv_wino_bf16_wgrad(x[::-1], -g), rtol=1e-6,
                              atol=1e-6)
 
 
 def test_winograd_bf16_layers_use_winograd_where_it_applies(bf16_conv_on, monkeypatch):
   calls = _spy(monkeypatch, "conv_wino_bf16", lambda x, kernel: kernel.shape)
+  wgrads = _spy(monkeypatch, "conv_wino_bf16_wgrad", lambda x, g: (x.shape[-1], g.shape[-1]))
   rng = np.random.default_rng(11)
   x = jnp.asarray(rng.normal(size=(2, 8, 8, 16)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(3, 3, 16, 32)), jnp.float32) / 12
@@ -431,6 +446,7 @@ def test_winograd_bf16_layers_use_winograd_where_it_applies(bf16_conv_on, monkey
   got_y, got_vjp = jax.vjp(lambda x, k: layers.conv_gemm_bf16(x, k, True), x, kernel)
   got = (got_y, *got_vjp(g))
   assert calls == [(3, 3, 16, 32), (3, 3, 32, 16)]  # forward, then the flipped kernel
+  assert wgrads == [(16, 32)]
   want_y, want_vjp = jax.vjp(layers.conv_gemm_bf16, x, kernel)  # direct bf16
   for a, b in zip(got, (want_y, *want_vjp(g))):
     assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-2
@@ -438,9 +454,10 @@ def test_winograd_bf16_layers_use_winograd_where_it_applies(bf16_conv_on, monkey
   for x_shape, k_shape in (((2, 7, 8, 16), (3, 3, 16, 32)), ((2, 8, 8, 16), (5, 5, 16, 32)),
                            ((2, 8, 8, 24), (3, 3, 24, 32))):
     calls.clear()
+    wgrads.clear()
     jax.vjp(lambda x, k: layers.conv_gemm_bf16(x, k, True), jnp.ones(x_shape),
             jnp.ones(k_shape))[1](jnp.ones(x_shape[:-1] + k_shape[-1:]))
-    assert not calls, (x_shape, k_shape)
+    assert not calls and not wgrads, (x_shape, k_shape)
   layer = layers.Conv2D(32, impl="winograd_bf16")
   params = layer.init(jax.random.key(0), x)
   calls.clear()
@@ -448,6 +465,8 @@ def test_winograd_bf16_layers_use_winograd_where_it_applies(bf16_conv_on, monkey
   assert calls == [(3, 3, 16, 32)]
   with pytest.raises(Exception, match="needs a 3x3 kernel, SAME padding and an even"):
     jax.block_until_ready(native.conv_wino_bf16(_bf16((1, 5, 6, 16)), _bf16((3, 3, 16, 16))))
+  with pytest.raises(Exception, match="need matching shapes: g"):
+    jax.block_until_ready(native.conv_wino_bf16_wgrad(_bf16((1, 6, 6, 16)), _bf16((1, 4, 6, 16))))
 
 
 def test_build_writes_the_library_atomically(tmp_path):

@@ -31,11 +31,11 @@ elsewhere):
           faster than XLA's; the step ~1.3x), else from XLA, copied as 16/32-bit integers:
           XLA:CPU's concatenate of bfloat16 runs at ~0.7 GB/s, of the same bits as uint32 at
           ~10 GB/s. Both give the same bits.
-  winograd_bf16  gemm_bf16, but the forward pass and input gradient of 3x3 layers (16k input
-          and output channels, even height and width) are fer.native's Winograd F(2x2, 3x3)
-          kernel where the direct bf16 convolutions run: 0.45x the multiplications, 1.4-2.1x
-          faster per layer, with ~1.8x the bf16 rounding error (relative 4e-3 instead of 2.4e-3
-          against exact fp32). Elsewhere exactly gemm_bf16.
+  winograd_bf16  gemm_bf16, but the three passes of 3x3 layers (channel counts multiples of 16,
+          even height and width) are fer.native's Winograd kernels (F(2x2, 3x3), and F(3x3,
+          2x2) for the weight gradient) where the direct bf16 convolutions run: 0.45x the
+          multiplications, 1.4-2.1x faster per pass, with ~1.8x the bf16 rounding error
+          (relative 4e-3 instead of 2.4e-3 against exact fp32). Elsewhere exactly gemm_bf16.
 
 `max_pool_2x2` is 2x2/stride-2 VALID max pooling as a reshape and max, with a custom gradient:
 the output gradient goes to the first maximum of each window in row-major order, which is the
@@ -144,8 +144,7 @@ def _mm_f32(a, b):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv_gemm_bf16(x: jax.Array, kernel: jax.Array, winograd: bool = False) -> jax.Array:
   """SAME, stride-1 convolution with bf16 matmul inputs and fp32 accumulation (module doc);
-  `winograd`: the forward pass and input gradient of 3x3 layers as Winograd F(2x2, 3x3) where
-  `_winograd` allows (conv_impl winograd_bf16)."""
+  `winograd`: 3x3 layers as Winograd where `_winograd` allows (conv_impl winograd_bf16)."""
   return _conv_gemm_bf16_fwd(x, kernel, winograd)[0]
 
 
@@ -185,7 +184,9 @@ def _conv_gemm_bf16_bwd(winograd, res, g):
   kh, kw, cin, cout = kb.shape
   n, h, w, _ = g.shape
   gb = g.astype(jnp.bfloat16)
-  if _direct_bf16(cin, cout, weight_gradient=True):
+  if winograd and _winograd(kb.shape, h, w):
+    dk = native.conv_wino_bf16_wgrad(xb, gb)
+  elif _direct_bf16(cin, cout, weight_gradient=True):
     dk = native.conv_bf16_wgrad(xb, gb, kb.shape, _same_padding((kh, kw)))
   else:
     dk = _mm_f32(_bf16_patches_t(xb, (kh, kw)), gb.reshape(n * h * w, cout))
