@@ -70,9 +70,11 @@ def conv_rows(batch: int):
       if native.available():
         impls["gemm_bf16, native patches"] = (layers.conv_gemm_bf16, (True, False))
         impls["gemm_bf16"] = (layers.conv_gemm_bf16, (True, True))
+        impls["winograd_bf16"] = (lambda x, k: layers.conv_gemm_bf16(x, k, True), (True, True))
     elif cin == 1 and native.available():  # the first layer: fer.native's fp32 kernels
       zero_bias = jnp.zeros((cout,), jnp.float32)
       impls["gemm_bf16"] = (lambda x, k: layers.conv_c1_native(x, k, zero_bias), (True, True))
+      impls["winograd_bf16"] = impls["gemm_bf16"]
     # The first layer's input is data: training needs only its weight gradient.
     wrt = (1,) if cin == 1 else (0, 1)
     timing, outputs = {}, {}
@@ -83,20 +85,24 @@ def conv_rows(batch: int):
                         median_ms(jax.jit(jax.value_and_grad(loss, wrt)), x, k))
         outputs[name] = jax.jit(lambda x, k, loss=loss, conv=conv: (
             conv(x, k), *jax.grad(loss, wrt)(x, k)))(x, k)
-    err = "-"
-    if "gemm_bf16" in outputs:
-      err = max(float(jnp.abs(a - b).max() / jnp.abs(b).max())
-                for a, b in zip(outputs["gemm_bf16"], outputs["xla"]))
-      err = f"{err:.1e}"
+    errors = {}  # the largest of the output's and gradients' relative errors (over the max)
+    for name in ("gemm_bf16", "winograd_bf16"):
+      if name in outputs:
+        err = max(float(jnp.abs(a - b).max() / jnp.abs(b).max())
+                  for a, b in zip(outputs[name], outputs["xla"]))
+        errors[name] = f"{err:.1e}"
     flops = 2 * batch * size * size * 9 * cin * cout
     row = f"| {size}x{size}, {cin} -> {cout} | {flops / 1e9:.2f} |"
-    for name in ("xla", "gemm_bf16, XLA patches", "gemm_bf16, native patches", "gemm_bf16"):
+    for name in ("xla", "gemm_bf16, XLA patches", "gemm_bf16, native patches", "gemm_bf16",
+                 "winograd_bf16"):
       fwd, both = timing.get(name, (None, None))
       row += " - | - |" if fwd is None else f" {fwd:.2f} | {both:.2f} |"
-    if "gemm_bf16" in timing:
-      row += f" {timing['xla'][1] / timing['gemm_bf16'][1]:.2f}x | {err} |"
+    best = "winograd_bf16" if "winograd_bf16" in timing else "gemm_bf16"
+    if best in timing:
+      row += (f" {timing['xla'][1] / timing[best][1]:.2f}x | {errors.get('gemm_bf16', '-')} | "
+              f"{errors.get('winograd_bf16', '-')} |")
     else:
-      row += " - | - |"
+      row += " - | - | - |"
     rows.append(row)
     print(row, flush=True)
   return rows
@@ -265,13 +271,16 @@ def step_rows():
       ("gemm_bf16", True, True, False, False, False),
       ("gemm_bf16", True, True, False, False, True),
       ("gemm_bf16", True, False, True, False, False),
-      ("gemm_bf16", True, True, True, True, True), ("gemm_bf16", True, True, True, False, True)):
+      ("gemm_bf16", True, True, True, True, True), ("gemm_bf16", True, True, True, False, True),
+      ("winograd_bf16", True, True, False, False, True),
+      ("winograd_bf16", True, True, True, False, True)):
     if use_native and not native.available():
       continue
     ms, faults = map(float, _run_step(impl, tuned, use_native, augment=aug,
                                       xla_bilinear=xla_bilinear, direct_conv=direct)[-1].split())
     natives = "off" if not use_native else ", ".join(
-        ["direct bf16 convs" if direct and native.bf16_conv_available() else "patches",
+        [("Winograd + direct bf16 convs" if impl == "winograd_bf16" else "direct bf16 convs")
+         if direct and native.bf16_conv_available() else "patches",
          "fused first block"] + (["resampling"] if aug and not xla_bilinear else []))
     rows.append(f"| {impl} | {on_off(tuned)} | {natives} | {on_off(aug)} | "
                 f"{ms:.1f} | {64 / ms * 1e3:.0f} | {faults:,.0f} |")
@@ -280,7 +289,7 @@ def step_rows():
 
 
 def profile_rows():
-  lines = _run_step("gemm_bf16", tuned=True, use_native=native.available(), profile=True)
+  lines = _run_step("winograd_bf16", tuned=True, use_native=native.available(), profile=True)
   rows = [f"| {l.split(' ', 2)[2]} | {float(l.split()[1]):.1f} |" for l in lines
           if l.startswith("PROFILE")]
   print("\n".join(rows), flush=True)
@@ -296,7 +305,8 @@ def main():
            f"Machine: {study.machine()}; jax {jax.__version__}. Command: "
            f"`python {' '.join(sys.argv)}`", "",
            f"## Per layer, batch {args.batch}, median ms", "",
-           "gemm_bf16 is the default: fer.native's direct bf16 convolution kernels where the CPU "
+           "winograd_bf16 is the default: gemm_bf16 with fer.native's Winograd kernels for these "
+           "3x3 layers; gemm_bf16 is fer.native's direct bf16 convolution kernels where the CPU "
            "has AVX-512 BF16 (else the native-patches column); the columns before it are bf16 "
            "patches + one matmul per pass, the patches built by XLA (FER_NO_NATIVE=1) or by "
            "fer.native (FER_NO_DIRECT_CONV=1). The 1-channel first layer keeps fp32: gemm_bf16 "
@@ -305,8 +315,9 @@ def main():
            "| layer | GFLOP fwd | xla fwd | xla fwd+grads | gemm_bf16, XLA patches fwd "
            "| gemm_bf16, XLA patches fwd+grads | gemm_bf16, native patches fwd "
            "| gemm_bf16, native patches fwd+grads | gemm_bf16 fwd | gemm_bf16 fwd+grads "
-           "| speed-up vs xla (fwd+grads) | max rel. error vs fp32 |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| winograd_bf16 fwd | winograd_bf16 fwd+grads | speed-up vs xla (fwd+grads, default) "
+           "| max rel. error vs fp32, gemm_bf16 | the same, winograd_bf16 |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   lines += conv_rows(args.batch)
   lines += ["", f"## The first block (1 -> 32 conv, 2x2 max pool, ReLU), batch {args.batch}, "
             "median ms (grads: weight and bias)", "",
@@ -325,7 +336,7 @@ def main():
             "| conv_impl | malloc tuning | fer.native | augmentation | ms/step | images/s "
             "| minor page faults/step |", "|---|---|---|---|---:|---:|---:|"]
   lines += step_rows()
-  lines += ["", "## Where the default step's time goes (gemm_bf16, fer.native, malloc tuning on; "
+  lines += ["", "## Where the default step's time goes (winograd_bf16, fer.native, malloc tuning on; "
             "XLA:CPU thunk times from jax.profiler with --xla_cpu_enable_xprof_traceme=true, ms per step; "
             "the two worker threads overlap, so the sum exceeds the step time)", "",
             "| kind of op | ms per step |", "|---|---:|"]

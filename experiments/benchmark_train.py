@@ -64,8 +64,10 @@ _MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "Use only the first N traini
 
 # The plain JAX step of the issue: XLA's own convolution and pooling, one step per dispatch.
 BASELINE = {"model.conv_impl": "xla", "model.pool_impl": "xla", "train.steps_per_dispatch": 1}
-# The default fast path less its bf16-matmul convolutions (model.conv_impl=auto -> gemm_bf16).
+# The default fast path with exact fp32 convolutions (model.conv_impl=auto -> winograd_bf16).
 FP32_CONVS = {"model.conv_impl": "xla"}
+# ... and with bf16 convolutions but no Winograd (fer.native's direct kernels).
+NO_WINOGRAD = {"model.conv_impl": "gemm_bf16"}
 AUGMENT = {f"augment.{k}": v for k, v in
            common.apply_study_augmentation(common.base()).augment.items()}
 NO_AUGMENT = {"augment.flip": False, "augment.rotate_degrees": 0.0,
@@ -140,12 +142,14 @@ def main(argv):
     print(f"train images/s: {rate:.0f}")
     return
   rows = []
-  default_name = ("JAX, fer default fast path (+ fer.native: direct bf16 convolutions or C++ "
-                  "patches, fused first block, resampling)")
+  default_name = ("JAX, fer default fast path (+ fer.native: Winograd and direct bf16 "
+                  "convolutions, fused first block, resampling)")
   for name, overrides, use_native in (
       ("JAX, plain step (XLA conv + pool, 1 step/dispatch)", BASELINE, False),
       ("JAX, fer fast path with exact fp32 XLA convs", FP32_CONVS, False),
-      ("JAX, fer fast path, bf16-matmul convs with XLA's patches (FER_NO_NATIVE=1)", {}, False)):
+      ("JAX, fer fast path, bf16-matmul convs with XLA's patches (FER_NO_NATIVE=1)", {}, False),
+      ("JAX, fer fast path, direct bf16 convs, no Winograd (conv_impl=gemm_bf16)", NO_WINOGRAD,
+       True)):
     for aug_name, aug in (("off", NO_AUGMENT), ("on", AUGMENT)):
       c = _with(config, {**overrides, **aug})
       with native.use(use_native):  # read when the step is traced

@@ -12,7 +12,9 @@ are never written: the same bits as conv_c1, the pool and conv_c1_grads one afte
 `conv_bf16` and `conv_bf16_wgrad` are layers.conv_gemm_bf16's three passes (forward, input
 gradient, weight gradient) as direct convolutions (AVX-512 BF16 dot products, no patches) where
 the CPU has those instructions (`bf16_conv_available()`; FER_NO_DIRECT_CONV=1 turns them off):
-the same bf16 inputs and fp32 sums as the patch matmul, in another order.
+the same bf16 inputs and fp32 sums as the patch matmul, in another order. `conv_wino_bf16` and
+`conv_wino_bf16_wgrad` are the same passes of 3x3 layers as Winograd F(2x2, 3x3) / F(3x3, 2x2)
+(conv_impl winograd_bf16, the CPU default): 0.45x the multiplications, ~1.8x the rounding error.
 They are XLA FFI calls into a small C++ library that this module compiles on first use with the
 system's C++ compiler (g++ -O3, ~10 s) against the FFI headers that jaxlib ships, and caches at
   $FER_NATIVE_CACHE, else ~/.cache/fer/native (a per-user temp dir if that isn't writable)
@@ -29,8 +31,10 @@ JAX has more than one device (XLA would run a custom call unsharded), or FER_NO_
 Results don't depend on which is used beyond float rounding: the patches are bit-identical; the
 resampling is the same fp32 formula (< 2e-3 apart on the 0..255 pixel scale); the first layer's
 convolution sums in another order than XLA's (~1e-7 relative), the direct bf16 convolutions in
-another order than the patch matmul's (~1e-6). 3 epochs of configs/cnn.py, same seed: val 57.12%
-/ test 58.26% with, 56.84% / 58.21% without (README, CPU training speed).
+another order than the patch matmul's (~1e-6); the Winograd kernels round their transforms to
+bf16 (~4e-3 relative against exact fp32, the direct ones 2.4e-3). 3 epochs of configs/cnn.py,
+same seed: val 57.12% / test 58.26% with the direct kernels, 56.84% / 58.21% without fer.native,
+56.65% / 59.10% with Winograd (README, CPU training speed).
 """
 
 import contextlib
