@@ -881,6 +881,41 @@ FER_BF16_TARGET inline void StoreBf16(uint16_t* p, __m512 v) {
   _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
+// V = B^T d B for tile t of x [N, H, W, C] (bf16): d is the 4x4 input window around output
+// pixels (2ty..2ty+1, 2tx..2tx+1), zeros outside the image; value k (0..15) of channel c goes to
+// out[k * stride + c], rounded to bf16.
+FER_BF16_TARGET void WinoInputTile(const uint16_t* x, int64_t t, int64_t H, int64_t W, int64_t C,
+                                   uint16_t* out, int64_t stride) {
+  const int64_t tw = W / 2, per_image = (H / 2) * tw;
+  const int64_t n = t / per_image, ty = t % per_image / tw, tx = t % tw;
+  const uint16_t* src[4][4];
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < 4; ++c) {
+      const int64_t yy = 2 * ty - 1 + r, xx = 2 * tx - 1 + c;
+      src[r][c] = yy >= 0 && yy < H && xx >= 0 && xx < W ? x + ((n * H + yy) * W + xx) * C
+                                                         : nullptr;
+    }
+  for (int64_t k = 0; k < C; k += 16) {
+    __m512 d[4][4], b[4][4];
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < 4; ++c)
+        d[r][c] = src[r][c] ? LoadBf16(src[r][c] + k) : _mm512_setzero_ps();
+    for (int c = 0; c < 4; ++c) {
+      b[0][c] = _mm512_sub_ps(d[0][c], d[2][c]);
+      b[1][c] = _mm512_add_ps(d[1][c], d[2][c]);
+      b[2][c] = _mm512_sub_ps(d[2][c], d[1][c]);
+      b[3][c] = _mm512_sub_ps(d[1][c], d[3][c]);
+    }
+    for (int r = 0; r < 4; ++r) {
+      uint16_t* v = out + r * 4 * stride + k;
+      StoreBf16(v, _mm512_sub_ps(b[r][0], b[r][2]));
+      StoreBf16(v + stride, _mm512_add_ps(b[r][1], b[r][2]));
+      StoreBf16(v + 2 * stride, _mm512_sub_ps(b[r][2], b[r][1]));
+      StoreBf16(v + 3 * stride, _mm512_sub_ps(b[r][1], b[r][3]));
+    }
+  }
+}
+
 // U [16][C/2][O][2] (bf16, the two channels of a pair side by side) from one kernel w
 // [3, 3, C, O] (bf16), for input channels [c0, c1) (even bounds).
 FER_BF16_TARGET void WinoKernel(const uint16_t* w, uint16_t* U, int64_t C, int64_t O, int64_t c0,
@@ -930,33 +965,7 @@ FER_BF16_TARGET void WinoTiles(const uint16_t* x, const uint16_t* U, float* y, i
       for (int k = 0; k < 16; ++k) std::fill_n(V + (k * TB + i) * C, C, uint16_t{0});
       continue;
     }
-    const int64_t t = t0 + i, n = t / per_image, ty = t % per_image / tw, tx = t % tw;
-    const uint16_t* src[4][4];
-    for (int r = 0; r < 4; ++r)
-      for (int c = 0; c < 4; ++c) {
-        const int64_t yy = 2 * ty - 1 + r, xx = 2 * tx - 1 + c;
-        src[r][c] = yy >= 0 && yy < H && xx >= 0 && xx < W ? x + ((n * H + yy) * W + xx) * C
-                                                           : nullptr;
-      }
-    for (int64_t k = 0; k < C; k += 16) {
-      __m512 d[4][4], b[4][4];
-      for (int r = 0; r < 4; ++r)
-        for (int c = 0; c < 4; ++c)
-          d[r][c] = src[r][c] ? LoadBf16(src[r][c] + k) : _mm512_setzero_ps();
-      for (int c = 0; c < 4; ++c) {
-        b[0][c] = _mm512_sub_ps(d[0][c], d[2][c]);
-        b[1][c] = _mm512_add_ps(d[1][c], d[2][c]);
-        b[2][c] = _mm512_sub_ps(d[2][c], d[1][c]);
-        b[3][c] = _mm512_sub_ps(d[1][c], d[3][c]);
-      }
-      for (int r = 0; r < 4; ++r) {
-        uint16_t* v = V + (r * 4 * TB + i) * C + k;
-        StoreBf16(v, _mm512_sub_ps(b[r][0], b[r][2]));
-        StoreBf16(v + TB * C, _mm512_add_ps(b[r][1], b[r][2]));
-        StoreBf16(v + 2 * TB * C, _mm512_sub_ps(b[r][2], b[r][1]));
-        StoreBf16(v + 3 * TB * C, _mm512_sub_ps(b[r][1], b[r][3]));
-      }
-    }
+    WinoInputTile(x, t0 + i, H, W, C, V + i * C, TB * C);
   }
   const int64_t pairs = C / 2;
   for (int64_t ob = 0; ob < O; ob += OB) {
@@ -1024,32 +1033,7 @@ FER_BF16_TARGET void WinoWgradTiles(const uint16_t* x, const uint16_t* g, float*
         std::fill_n(tmp, 16 * L, uint16_t{0});
         continue;
       }
-      const int64_t t = t0 + i, n = t / per_image, ty = t % per_image / tw, tx = t % tw;
-      const uint16_t* src[4][4];
-      for (int r = 0; r < 4; ++r)
-        for (int c = 0; c < 4; ++c) {
-          const int64_t yy = 2 * ty - 1 + r, xx = 2 * tx - 1 + c;
-          src[r][c] = yy >= 0 && yy < H && xx >= 0 && xx < W ? x + ((n * H + yy) * W + xx) * C
-                                                             : nullptr;
-        }
-      for (int64_t k = 0; k < C; k += 16) {  // V = B^T d B, as in WinoTiles
-        __m512 d[4][4], b[4][4];
-        for (int r = 0; r < 4; ++r)
-          for (int c = 0; c < 4; ++c)
-            d[r][c] = src[r][c] ? LoadBf16(src[r][c] + k) : _mm512_setzero_ps();
-        for (int c = 0; c < 4; ++c) {
-          b[0][c] = _mm512_sub_ps(d[0][c], d[2][c]);
-          b[1][c] = _mm512_add_ps(d[1][c], d[2][c]);
-          b[2][c] = _mm512_sub_ps(d[2][c], d[1][c]);
-          b[3][c] = _mm512_sub_ps(d[1][c], d[3][c]);
-        }
-        for (int r = 0; r < 4; ++r) {
-          StoreBf16(tmp + (r * 4 + 0) * L + k, _mm512_sub_ps(b[r][0], b[r][2]));
-          StoreBf16(tmp + (r * 4 + 1) * L + k, _mm512_add_ps(b[r][1], b[r][2]));
-          StoreBf16(tmp + (r * 4 + 2) * L + k, _mm512_sub_ps(b[r][2], b[r][1]));
-          StoreBf16(tmp + (r * 4 + 3) * L + k, _mm512_sub_ps(b[r][1], b[r][3]));
-        }
-      }
+      WinoInputTile(x, t0 + i, H, W, C, tmp, L);
     }
     for (int k = 0; k < 16; ++k) Interleave(ta + k * L, tb + k * L, V + (k * P + pp) * C * 2, C);
     for (int64_t e = 0; e < 2; ++e) {
