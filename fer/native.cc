@@ -1137,6 +1137,8 @@ ffi::Error ConvWinoBf16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
     ParallelFor(pool, C / 2, C * O * 64, [&](int64_t p0, int64_t p1) {
       WinoKernel(ws + b * 9 * C * O, U.get() + b * KU, C, O, 2 * p0, 2 * p1);
     });
+  // Blocks of TB tiles, whose transformed inputs V (16 x TB x C bf16, <= 384 KB) and sums M stay
+  // in cache between the transform, the 16 matmuls and the output transform.
   const int64_t tiles = N * (H / 2) * (W / 2), TB = C >= 256 ? 24 : 48;
   const int64_t blocks = (tiles + TB - 1) / TB;
   WithBlocking(O, [&](auto OB, auto MR) {

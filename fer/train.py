@@ -285,11 +285,15 @@ def _abstract(state_or_shapes, shardings):
 
 
 class _Writer:
-  """metrics.jsonl (rewritten atomically from the history) and TensorBoard events."""
+  """metrics.jsonl (rewritten atomically from the history) and TensorBoard events; nothing where
+  not `active` (processes 1.. of a multi-process run)."""
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, active=True):
     self.workdir = pathlib.Path(workdir)
+    self.active = active
     self._tb = None
+    if not active:
+      return
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._tb = SummaryWriter(str(self.workdir / "tb"))
@@ -297,6 +301,8 @@ class _Writer:
       logging.warning("tensorboardX is not installed: no TensorBoard events")
 
   def write(self, history, new_row):
+    if not self.active:
+      return
     fileio.write_json_atomic(self.workdir / "metrics.jsonl", history, jsonl=True)
     if self._tb is not None:
       for k, v in new_row.items():
@@ -427,7 +433,7 @@ def _train_and_evaluate(config, workdir, data=None):
                                                             num_train), out_shardings=replicated)
   run_epoch = make_epoch_runner(model, tx, config, mesh, steps_per_epoch)
   predict = make_predict(model, "none")
-  writer = _Writer(workdir) if is_primary() else None
+  writer = _Writer(workdir, active=is_primary())
   log_every = max(1, config.train.log_every_steps)
 
   try:
@@ -485,8 +491,7 @@ def _train_and_evaluate(config, workdir, data=None):
       if improved:
         ckpts.save_best(epoch, state, meta, val["val/accuracy"])
       ckpts.save_last(epoch, state, meta)
-      if writer is not None:
-        writer.write(meta["history"], row)
+      writer.write(meta["history"], row)
       remaining = (num_epochs - epoch) * (time.perf_counter() - t0)
       print(f"epoch {epoch}/{num_epochs} | {row['train/images_per_second']:,.0f} img/s | "
             f"train loss {train_loss:.4f} acc {train_acc:.4f} | val loss {val['val/loss']:.4f} "
@@ -499,8 +504,7 @@ def _train_and_evaluate(config, workdir, data=None):
     results = _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, model,
                                 meta, num_params)
   finally:
-    if writer is not None:
-      writer.close()
+    writer.close()
     ckpts.close()
   return results
 
