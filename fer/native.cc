@@ -760,6 +760,16 @@ ffi::Error CheckBf16Conv(const ffi::AnyBuffer& x, const ffi::AnyBuffer& other, d
   return ffi::Error::Success();
 }
 
+// The weight gradients' output gradient g [..., N, H, W, O] matches x and dw (shape s).
+ffi::Error CheckGradShape(const ffi::AnyBuffer& g, const Bf16ConvShape& s, const char* what) {
+  auto gd = g.dimensions();
+  const size_t nb = gd.size() - 4;
+  if (gd[nb] != s.n || gd[nb + 1] != s.h || gd[nb + 2] != s.w || gd[nb + 3] != s.o)
+    return ffi::Error::InvalidArgument(
+        std::string(what) + ": need matching shapes: g [..., N, H, W, O] for x and dw");
+  return ffi::Error::Success();
+}
+
 ffi::Error ConvBf16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                     ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t pt, int64_t pl) {
 #ifdef FER_BF16_KERNELS
@@ -812,11 +822,7 @@ ffi::Error ConvBf16Wgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
       e.failure())
     return e;
   const auto [batches, N, H, W, C, kh, kw, O] = s;
-  auto gd = g.dimensions();
-  const size_t nb = gd.size() - 4;
-  if (gd[nb] != N || gd[nb + 1] != H || gd[nb + 2] != W || gd[nb + 3] != O)
-    return ffi::Error::InvalidArgument(
-        "fer conv_bf16_wgrad: need matching shapes: g [..., N, H, W, O] for x and dw");
+  if (ffi::Error e = CheckGradShape(g, s, "fer conv_bf16_wgrad"); e.failure()) return e;
   const uint16_t* xs = static_cast<const uint16_t*>(x.untyped_data());
   const uint16_t* gs = static_cast<const uint16_t*>(g.untyped_data());
   float* out = dw->typed_data();
@@ -1167,11 +1173,7 @@ ffi::Error ConvWinoBf16Wgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
       e.failure())
     return e;
   const auto [batches, N, H, W, C, kh, kw, O] = s;
-  auto gd = g.dimensions();
-  const size_t nb = gd.size() - 4;
-  if (gd[nb] != N || gd[nb + 1] != H || gd[nb + 2] != W || gd[nb + 3] != O)
-    return ffi::Error::InvalidArgument(
-        "fer conv_wino_bf16_wgrad: need matching shapes: g [..., N, H, W, O] for x and dw");
+  if (ffi::Error e = CheckGradShape(g, s, "fer conv_wino_bf16_wgrad"); e.failure()) return e;
   if (kh != 3 || kw != 3 || pt != 1 || pl != 1 || H % 2 || W % 2)
     return ffi::Error::InvalidArgument(
         "fer conv_wino_bf16_wgrad: needs a 3x3 kernel, SAME padding and an even height and "
