@@ -645,6 +645,15 @@ void WithBlocking(int64_t O, F&& f) {
     f(std::integral_constant<int, 16>(), std::integral_constant<int, 24>());
 }
 
+// The weight gradients' blocks: 8 input channels x 32 output channels where O allows, else x 16.
+template <typename F>
+void WithWgradBlocking(int64_t O, F&& f) {
+  if (O % 32 == 0)
+    f(std::integral_constant<int, 32>());
+  else
+    f(std::integral_constant<int, 16>());
+}
+
 // out[2k] = a[k], out[2k+1] = b[k] for k < n (n a multiple of 16): two rows of bf16 as pairs.
 FER_BF16_TARGET inline void Interleave(const uint16_t* a, const uint16_t* b, uint16_t* out,
                                        int64_t n) {
@@ -770,6 +779,22 @@ ffi::Error CheckGradShape(const ffi::AnyBuffer& g, const Bf16ConvShape& s, const
   return ffi::Error::Success();
 }
 
+// dst = partial[0] + partial[1] + ... (`parts` arrays of K floats), added in that order;
+// dst may be partial itself.
+void SumPartials(const float* partial, int64_t parts, int64_t K, float* dst) {
+  if (dst != partial) std::copy(partial, partial + K, dst);
+  for (int64_t p = 1; p < parts; ++p)
+    for (int64_t k = 0; k < K; ++k) dst[k] += partial[p * K + k];
+}
+
+// The Winograd kernels' constraints beyond CheckBf16Conv's.
+ffi::Error CheckWinograd(const Bf16ConvShape& s, int64_t pt, int64_t pl, const char* what) {
+  if (s.kh != 3 || s.kw != 3 || pt != 1 || pl != 1 || s.h % 2 || s.w % 2)
+    return ffi::Error::InvalidArgument(
+        std::string(what) + ": needs a 3x3 kernel, SAME padding and an even height and width");
+  return ffi::Error::Success();
+}
+
 ffi::Error ConvBf16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                     ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t pt, int64_t pl) {
 #ifdef FER_BF16_KERNELS
@@ -837,29 +862,21 @@ ffi::Error ConvBf16Wgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   std::unique_ptr<float[]> partial(new float[parts * K]);
   std::vector<uint16_t> zeros(std::max(C, O), 0);
   for (int64_t b = 0; b < batches; ++b) {
-    ParallelFor(pool, parts, int64_t{1} << 40, [&](int64_t p0, int64_t p1) {
-      std::unique_ptr<uint16_t[]> gi(new uint16_t[P * O * 2]), xt(new uint16_t[P * C * 2]);
-      for (int64_t p = p0; p < p1; ++p) {
-        float* acc = partial.get() + p * K;
-        std::fill(acc, acc + K, 0.0f);
-        const int64_t end = b * N + std::min(N, (p + 1) * per);
-        for (int64_t n = b * N + p * per; n < end; n += group) {
-          const int64_t count = std::min(group, end - n);
-          const uint16_t* xn = xs + n * H * W * C;
-          const uint16_t* gn = gs + n * H * W * O;
-          if (O % 32 == 0)
-            WgradBf16Images<32, 8>(xn, gn, acc, count, H, W, C, O, kh, kw, pt, pl, gi.get(),
-                                   xt.get(), zeros.data());
-          else
-            WgradBf16Images<16, 8>(xn, gn, acc, count, H, W, C, O, kh, kw, pt, pl, gi.get(),
-                                   xt.get(), zeros.data());
+    WithWgradBlocking(O, [&](auto OB) {
+      ParallelFor(pool, parts, int64_t{1} << 40, [&](int64_t p0, int64_t p1) {
+        std::unique_ptr<uint16_t[]> gi(new uint16_t[P * O * 2]), xt(new uint16_t[P * C * 2]);
+        for (int64_t p = p0; p < p1; ++p) {
+          float* acc = partial.get() + p * K;
+          std::fill(acc, acc + K, 0.0f);
+          const int64_t end = b * N + std::min(N, (p + 1) * per);
+          for (int64_t n = b * N + p * per; n < end; n += group)
+            WgradBf16Images<OB(), 8>(xs + n * H * W * C, gs + n * H * W * O, acc,
+                                     std::min(group, end - n), H, W, C, O, kh, kw, pt, pl,
+                                     gi.get(), xt.get(), zeros.data());
         }
-      }
+      });
     });
-    float* d = out + b * K;
-    std::copy(partial.get(), partial.get() + K, d);
-    for (int64_t p = 1; p < parts; ++p)
-      for (int64_t k = 0; k < K; ++k) d[k] += partial[p * K + k];
+    SumPartials(partial.get(), parts, K, out + b * K);
   }
   return ffi::Error::Success();
 #else
@@ -1129,9 +1146,7 @@ ffi::Error ConvWinoBf16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
       e.failure())
     return e;
   const auto [batches, N, H, W, C, kh, kw, O] = s;
-  if (kh != 3 || kw != 3 || pt != 1 || pl != 1 || H % 2 || W % 2)
-    return ffi::Error::InvalidArgument(
-        "fer conv_wino_bf16: needs a 3x3 kernel, SAME padding and an even height and width");
+  if (ffi::Error e = CheckWinograd(s, pt, pl, "fer conv_wino_bf16"); e.failure()) return e;
   if (static_cast<int64_t>(y->element_count()) != batches * N * H * W * O)
     return ffi::Error::InvalidArgument("fer conv_wino_bf16: output size does not match x and w");
   const uint16_t* xs = static_cast<const uint16_t*>(x.untyped_data());
@@ -1174,10 +1189,8 @@ ffi::Error ConvWinoBf16Wgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
     return e;
   const auto [batches, N, H, W, C, kh, kw, O] = s;
   if (ffi::Error e = CheckGradShape(g, s, "fer conv_wino_bf16_wgrad"); e.failure()) return e;
-  if (kh != 3 || kw != 3 || pt != 1 || pl != 1 || H % 2 || W % 2)
-    return ffi::Error::InvalidArgument(
-        "fer conv_wino_bf16_wgrad: needs a 3x3 kernel, SAME padding and an even height and "
-        "width");
+  if (ffi::Error e = CheckWinograd(s, pt, pl, "fer conv_wino_bf16_wgrad"); e.failure())
+    return e;
   const uint16_t* xs = static_cast<const uint16_t*>(x.untyped_data());
   const uint16_t* gs = static_cast<const uint16_t*>(g.untyped_data());
   float* out = dw->typed_data();
@@ -1192,10 +1205,8 @@ ffi::Error ConvWinoBf16Wgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
   const int64_t passes = std::max<int64_t>(1, (per + want - 1) / want);
   const int64_t TB = ((per + passes - 1) / passes + 1) / 2 * 2;
   std::unique_ptr<float[]> partial(new float[parts * KM]);
-  std::unique_ptr<float[]> M(new float[KM]);
   for (int64_t b = 0; b < batches; ++b) {
-    WithBlocking(O % 32 == 0 ? 32 : 16, [&](auto OB, auto) {
-      constexpr int MR = 8;
+    WithWgradBlocking(O, [&](auto OB) {
       ParallelFor(pool, parts, int64_t{1} << 40, [&](int64_t p0, int64_t p1) {
         const int64_t P = TB / 2;
         std::unique_ptr<uint16_t[]> V(new uint16_t[16 * P * C * 2]), E(new uint16_t[16 * P * O * 2]),
@@ -1205,17 +1216,15 @@ ffi::Error ConvWinoBf16Wgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
           std::fill(Mp, Mp + KM, 0.0f);
           const int64_t end = std::min(tiles, (p + 1) * per);
           for (int64_t t = p * per; t < end; t += TB)
-            WinoWgradTiles<OB(), MR>(xs + b * N * H * W * C, gs + b * N * H * W * O, Mp, t,
+            WinoWgradTiles<OB(), 8>(xs + b * N * H * W * C, gs + b * N * H * W * O, Mp, t,
                                      std::min(TB, end - t), H, W, C, O, V.get(), E.get(),
                                      ta.get(), tb.get());
         }
       });
     });
-    std::copy(partial.get(), partial.get() + KM, M.get());
-    for (int64_t p = 1; p < parts; ++p)
-      for (int64_t k = 0; k < KM; ++k) M[k] += partial[p * KM + k];
+    SumPartials(partial.get(), parts, KM, partial.get());  // M, in the first partial
     ParallelFor(pool, C, C * O * 64, [&](int64_t c0, int64_t c1) {
-      WinoWgradOut(M.get(), out + b * 9 * C * O, C, O, c0, c1);
+      WinoWgradOut(partial.get(), out + b * 9 * C * O, C, O, c0, c1);
     });
   }
   return ffi::Error::Success();

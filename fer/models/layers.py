@@ -160,8 +160,8 @@ def _winograd(kernel_shape, h: int, w: int) -> bool:
   """Whether fer.native's Winograd F(2x2, 3x3) kernel takes this convolution: 3x3, even h and
   w, channel counts multiples of 16, and the direct bf16 convolutions available."""
   kh, kw, cin, cout = kernel_shape
-  return (kh == kw == 3 and h % 2 == 0 and w % 2 == 0 and cin % 16 == 0 and cout % 16 == 0
-          and native.bf16_conv_available())
+  return (kh == kw == 3 and h % 2 == 0 and w % 2 == 0
+          and _direct_bf16(cin, cout, weight_gradient=True))
 
 
 def _conv_gemm_bf16_fwd(x, kernel, winograd):
