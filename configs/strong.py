@@ -17,11 +17,12 @@ Expected time for the default 100 epochs:
 - one GPU (H100): 39,147 training images/s (experiments/results/benchmark_train_gpu.md), so
   about 75 s of training steps plus about a minute of compiling; the measured runs took 5 min
   each while sharing the GPU with up to 8 other runs.
-- the 2-core CPU (quiet AMD EPYC with AVX-512 BF16): 175-184 training images/s with the CPU
-  defaults (model.conv_impl=auto: fer.native's Winograd and direct bf16 convolutions), 122
-  without Winograd (conv_impl=gemm_bf16), 41 with exact fp32 convolutions (conv_impl=xla)
+- the 2-core CPU (quiet AMD EPYC with AVX-512 BF16): 185-195 training images/s with the CPU
+  defaults (model.conv_impl=auto: fer.native's Winograd and direct bf16 convolutions, and
+  fer.models.layers.BatchNorm); before that batch norm, 175-184, and 122 without Winograd
+  (conv_impl=gemm_bf16), 41 with exact fp32 convolutions (conv_impl=xla)
   (`python experiments/benchmark_train.py --config=configs/strong.py --max_images=3840
-  --epochs=2` with each): about 2.7 min per epoch, 4.5 hours for 100 epochs; a killed run
+  --epochs=2` with each): about 2.5 min per epoch, 4.2 hours for 100 epochs; a killed run
   resumes from its last epoch.
 """
 

@@ -2,7 +2,8 @@ r"""CPU/GPU training throughput over whole epochs on the real FER2013 training s
 
   python experiments/benchmark_train.py --config=configs/reference_net.py
       trains --epochs whole epochs (after compiling) with the config as given and prints, as its
-      last line, `train images/s: N` (augmentation as configured).
+      last line, `train images/s: N` (augmentation as configured), after the process's peak
+      memory.
   python experiments/benchmark_train.py --config=configs/reference_net.py --compare \
       --keras_python=/tmp/tfenv/bin/python --out=experiments/results/benchmark_train.md
       the side-by-side table, in one run on one machine: the plain JAX step (XLA convolutions and
@@ -23,6 +24,7 @@ input keys, or $FER2013_ARCHIVE / $FER_DATA_DIR.
 
 import json
 import pathlib
+import resource
 import subprocess
 import sys
 import tempfile
@@ -109,6 +111,10 @@ def images_per_second(config, data, epochs) -> float:
   return epochs * steps * batch / (time.perf_counter() - t0)
 
 
+def peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def machine() -> str:
   dev = jax.devices()[0]
   return f"{study.machine()}, {len(jax.devices())} x {dev.device_kind} ({dev.platform})"
@@ -139,6 +145,7 @@ def main(argv):
           "| config | batch | augmentation | train images/s | command |\n|---|---:|---|---:|---|\n")
       with open(out, "a") as f:
         f.write(head + "".join(r + "\n" for r in rows))
+    print(f"peak memory of this process (max RSS): {peak_rss_gb():.1f} GB")
     print(f"train images/s: {rate:.0f}")
     return
   rows = []

@@ -168,3 +168,63 @@ def test_resolve_conv_impl():
   assert layers.resolve_conv_impl("im2col") == "im2col"
   with pytest.raises(ValueError, match="conv_impl='fast'"):
     layers.resolve_conv_impl("fast")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_matches_nn_batch_norm(dtype):
+  """Same variables, outputs, running statistics and gradients (also through the statistics)."""
+  x = (_rand(0, (6, 5, 4, 8)) * 3 + 1).astype(dtype)
+  ref = nn.BatchNorm(use_running_average=False, momentum=0.9, dtype=dtype)
+  new = layers.BatchNorm(use_running_average=False, momentum=0.9, dtype=dtype)
+  init, ref_init = new.init(jax.random.key(1), x), ref.init(jax.random.key(1), x)
+  assert jax.tree.structure(init) == jax.tree.structure(ref_init)
+  jax.tree.map(np.testing.assert_array_equal, init, ref_init)
+  variables = {"params": {"scale": jnp.linspace(0.5, 2, 8), "bias": jnp.linspace(-1, 1, 8)},
+               "batch_stats": {"mean": jnp.linspace(0, 1, 8), "var": jnp.linspace(1, 2, 8)}}
+  w = _rand(2, x.shape)
+
+  def loss(model, variables, x):
+    y, updates = model.apply(variables, x, mutable=["batch_stats"])
+    stats = updates["batch_stats"]
+    # The statistics feed the loss too, so their cotangents are tested.
+    value = jnp.sum(jnp.tanh(y.astype(jnp.float32)) * w)
+    value += jnp.sum(jnp.square(stats["mean"])) + jnp.sum(jnp.sin(3 * stats["var"]))
+    return value, (y, stats)
+
+  grad = jax.jit(jax.grad(loss, argnums=(1, 2), has_aux=True), static_argnums=0)
+  (ref_grads, (ref_y, ref_stats)), (grads, (y, stats)) = grad(ref, variables, x), grad(new, variables, x)
+  assert y.dtype == ref_y.dtype == dtype
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(y.astype(jnp.float32), ref_y.astype(jnp.float32), **tol)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, ref_stats)
+  assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), rtol=1e-4,
+                               atol=1e-4 if dtype == jnp.float32 else 2e-2)
+  # Evaluation uses the running averages.
+  ref_eval = nn.BatchNorm(use_running_average=True, dtype=dtype).apply(variables, x)
+  new_eval = layers.BatchNorm(use_running_average=True, dtype=dtype).apply(variables, x)
+  np.testing.assert_allclose(new_eval.astype(jnp.float32), ref_eval.astype(jnp.float32), **tol)
+
+
+def test_batch_norm_gradient_is_the_autodiff_gradient_of_its_formula():
+  """Against jax.grad of the two-pass textbook formula (not flax's)."""
+  x = _rand(3, (64, 3)) * 2.0 + 1.0
+  scale, bias = jnp.array([1.0, -2.0, 0.5]), jnp.array([0.0, 1.0, -1.0])
+  w = _rand(4, x.shape)
+
+  def textbook(x, scale, bias):
+    mean = x.mean(0)
+    var = ((x - mean) ** 2).mean(0)
+    return ((x - mean) / jnp.sqrt(var + 1e-5) * scale + bias) * w
+
+  def ours(x, scale, bias):
+    return layers.batch_norm_train(x, scale, bias, 1e-5, jnp.dtype(jnp.float32))[0] * w
+
+  for f in (textbook, ours):
+    assert f(x, scale, bias).shape == x.shape
+  ref = jax.grad(lambda *a: jnp.sum(jnp.sin(textbook(*a))), argnums=(0, 1, 2))(x, scale, bias)
+  got = jax.grad(lambda *a: jnp.sum(jnp.sin(ours(*a))), argnums=(0, 1, 2))(x, scale, bias)
+  for a, b in zip(got, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

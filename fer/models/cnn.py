@@ -47,8 +47,8 @@ class CNN(nn.Module):
                           impl=self.conv_impl, dtype=self.dtype, pool_relu=pool_in_conv,
                           name=name)(x)
         if self.batch_norm:
-          x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
-                           name=f"{name}_bn")(x)
+          x = layers.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
+                               name=f"{name}_bn")(x)
         if not (fused_pool and last):
           x = nn.relu(x)
       if self.pool == "max":

@@ -1,4 +1,4 @@
-"""Convolution and pooling layers with CPU-friendly gradients (issue 9: CPU training speed).
+"""Convolution, pooling and batch-norm layers with CPU-friendly gradients (issue 9: CPU training speed).
 
 `Conv2D` is a drop-in for `nn.Conv` (stride 1, SAME padding): same parameter names and shapes
 (`kernel` HWIO, `bias`), same initialisers, so checkpoints are interchangeable. Its `impl` picks
@@ -36,6 +36,9 @@ elsewhere):
           2x2) for the weight gradient) where the direct bf16 convolutions run: 0.45x the
           multiplications, 1.4-2.1x faster per pass, with ~1.8x the bf16 rounding error
           (relative 4e-3 instead of 2.4e-3 against exact fp32). Elsewhere exactly gemm_bf16.
+
+`BatchNorm` is nn.BatchNorm (same variables and function) with a hand-written gradient that
+XLA:CPU runs in fewer passes over the activations (`batch_norm_train`).
 
 `max_pool_2x2` is 2x2/stride-2 VALID max pooling as a reshape and max, with a custom gradient:
 the output gradient goes to the first maximum of each window in row-major order, which is the
@@ -342,3 +345,88 @@ def max_pool(x: jax.Array, impl: str = "reshape", relu: bool = False) -> jax.Arr
   else:
     raise ValueError(f"max_pool impl={impl!r}: expected one of {POOL_IMPLS}")
   return nn.relu(y) if relu else y
+
+
+def _bn_stats(x):
+  """Per-channel mean and variance of x [..., C] in fp32, as E[x^2] - E[x]^2 in one pass (flax's
+  `use_fast_variance`), clipped at 0."""
+  axes = tuple(range(x.ndim - 1))
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axes)
+  return mean, jnp.maximum(0.0, jnp.mean(jnp.square(xf), axes) - jnp.square(mean))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
+                     dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Batch norm of x [..., C] over all axes but the last, with a hand-written gradient.
+
+  Returns (y, mean, var): y = (x - mean) / sqrt(var + epsilon) * scale + bias in `dtype`, and
+  the batch statistics (fp32) for the running averages. The same function as flax's
+  nn.BatchNorm in training mode (to float rounding). Autodiff of flax's version makes XLA:CPU
+  run 6-8 passes over each activation in the backward pass; this one makes two (the sums of g
+  and g * x in one reduction, then dx = a * g + k * x + c per channel), and the forward pass
+  writes y as one per-channel affine map that fuses into the following ReLU.
+  """
+  return _batch_norm_train_fwd(x, scale, bias, epsilon, dtype)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon, dtype):
+  mean, var = _bn_stats(x)
+  r = lax.rsqrt(var + epsilon)
+  a = scale * r
+  y = (x.astype(jnp.float32) * a + (bias - mean * a)).astype(dtype)
+  return (y, mean, var), (x, scale, mean, r)
+
+
+def _batch_norm_train_bwd(epsilon, dtype, res, cts):
+  del epsilon, dtype
+  x, scale, mean, r = res
+  g, g_mean, g_var = cts  # g_mean, g_var: cotangents of the returned statistics (usually 0)
+  axes = tuple(range(x.ndim - 1))
+  n = x.size // x.shape[-1]
+  xf, gf = x.astype(jnp.float32), g.astype(jnp.float32)
+  sum_g = jnp.sum(gf, axes)
+  sum_g_xhat = r * (jnp.sum(gf * xf, axes) - mean * sum_g)  # sum(g * (x - mean) * r)
+  a = scale * r
+  # dx = a * (g - mean(g) - xhat * mean(g * xhat)) + g_mean / n + g_var * 2 (x - mean) / n
+  k = (2.0 * g_var - a * r * sum_g_xhat) / n
+  c = (g_mean - a * sum_g) / n - k * mean
+  dx = (gf * a + xf * k + c).astype(x.dtype)
+  return dx, sum_g_xhat.astype(scale.dtype), sum_g.astype(scale.dtype)
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
+class BatchNorm(nn.Module):
+  """A drop-in for nn.BatchNorm over the last axis (scale and bias on, fast variance): the same
+  variables (`params` scale/bias, `batch_stats` mean/var), initialisers and running-average
+  update, so checkpoints are interchangeable; training mode runs `batch_norm_train`.
+
+  Measured on the 2-core AMD EPYC, against nn.BatchNorm, alternated: `python
+  experiments/benchmark_train.py --config=configs/strong.py --max_images=3840 --epochs=2`
+  185 / 195 / 191 images/s against 169 / 184 / 177, peak memory 3.1 GB against 4.9;
+  `--config=configs/augment.py` 1,394 / 1,409 against 1,269 / 1,261, 1.3 GB against 1.7.
+  """
+  use_running_average: bool = False
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    dtype = jnp.dtype(self.dtype or x.dtype)
+    if self.use_running_average:
+      a = scale * lax.rsqrt(ra_var.value + self.epsilon)
+      return (x.astype(jnp.float32) * a + (bias - ra_mean.value * a)).astype(dtype)
+    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, dtype)
+    if not self.is_initializing():
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return y
