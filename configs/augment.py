@@ -20,6 +20,6 @@ def get_config(arg=None):
   c.model.dropout = 0.2
   c.model.conv_dropout = 0.0
   if arg != "runlocal":
-    c.train.num_epochs = 50  # 51 min on the 2-core CPU (experiments/results/augment_standard)
+    c.train.num_epochs = 50  # 51 min on the 2-core CPU (experiments/results/augment_standard_s0)
     c.train.early_stopping_epochs = 0  # the cosine schedule decides the end; best by val
   return c

@@ -4,9 +4,10 @@ r"""The whole study in one command: every experiment into --root, skipping runs 
   python experiments/run_study.py --root=runs/study --only=cnn,augment --seeds=3
   python experiments/run_study.py --root=runs/study --dry_run        # list, run nothing
 
-Experiments (names as in the README's results table): data_report, search, cnn_standard,
-augment_standard, cnn_seed_s<k>, augment_seed_s<k> (protocol `seed`, the original study's),
-vgg16_cached, vgg16_frozen, vgg16_finetune, strong_s<k> and strong_ensemble, for k < --seeds.
+Experiments (names as in the README's results table): data_report, search, cnn_standard_s<k>,
+augment_standard_s<k> (protocol `standard`), cnn_seed_s<k>, augment_seed_s<k> (protocol `seed`,
+the original study's), vgg16_cached, vgg16_frozen, vgg16_finetune, strong_s<k> and
+strong_ensemble, for k < --seeds.
 `--only` takes name prefixes. A run is complete when its workdir holds its final file
 (results.json; data_report.json for the data report; best_config.py for the search); a killed
 run resumes from its last checkpoint when the command is repeated. Each finished training run is
@@ -53,9 +54,10 @@ def experiments(root: pathlib.Path, seeds: int, vgg16_weights: str = "keras",
   frozen run it starts from)."""
   t = lambda *a, **k: _train(*a, root=root, runlocal=runlocal, **k)  # pylint: disable=unnecessary-lambda-assignment
   out = [t("data_report", "configs/data_report.py", done_file="data_report.json", collect=False),
-         t("search", "configs/search.py", done_file="best_config.py", collect=False),
-         t("cnn_standard", "configs/cnn.py"),
-         t("augment_standard", "configs/augment.py")]
+         t("search", "configs/search.py", done_file="best_config.py", collect=False)]
+  for k in range(seeds):
+    out.append(t(f"cnn_standard_s{k}", "configs/cnn.py", f"--config.seed={k}"))
+    out.append(t(f"augment_standard_s{k}", "configs/augment.py", f"--config.seed={k}"))
   for k in range(seeds):
     out.append(t(f"cnn_seed_s{k}", "configs/cnn.py", "--config.input.protocol=seed",
                  f"--config.seed={k}"))
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--root", required=True, help="folder of the study's workdirs")
   p.add_argument("--only", default="", help="comma-separated name prefixes (default: all)")
-  p.add_argument("--seeds", type=int, default=3, help="seeds of the seed-protocol and strong runs")
+  p.add_argument("--seeds", type=int, default=3, help="seeds of the cnn, augment and strong runs")
   p.add_argument("--vgg16_weights", default="keras", help="keras | torchvision | none (scratch)")
   p.add_argument("--results", default=str(study.RESULTS), help="where finished runs are collected")
   p.add_argument("--dry_run", action="store_true", help="print what would run, run nothing")

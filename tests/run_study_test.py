@@ -12,7 +12,8 @@ from experiments import run_study  # pylint: disable=wrong-import-position
 
 def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
   names = [e.name for e in run_study.experiments(tmp_path, seeds=2)]
-  assert names == ["data_report", "search", "cnn_standard", "augment_standard",
+  assert names == ["data_report", "search", "cnn_standard_s0", "augment_standard_s0",
+                   "cnn_standard_s1", "augment_standard_s1",
                    "cnn_seed_s0", "augment_seed_s0", "cnn_seed_s1", "augment_seed_s1",
                    "vgg16_cached", "vgg16_frozen", "vgg16_finetune",
                    "strong_s0", "strong_s1", "strong_ensemble"]
@@ -25,16 +26,16 @@ def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
 
 def test_runs_collects_and_then_skips_a_complete_run(tmp_path, capsys):
   root, results = tmp_path / "study", tmp_path / "results"
-  args = ["--root", str(root), "--only=cnn_standard", "--runlocal", "--results", str(results)]
+  args = ["--root", str(root), "--only=cnn_standard_s0", "--runlocal", "--results", str(results)]
   assert run_study.main(args) == 0
-  finished = root / "cnn_standard" / "results.json"
+  finished = root / "cnn_standard_s0" / "results.json"
   stamp = finished.stat().st_mtime_ns
-  info = json.loads((results / "cnn_standard" / "run.json").read_text())
+  info = json.loads((results / "cnn_standard_s0" / "run.json").read_text())
   assert info["command"].startswith("python -m fer.main --config=configs/cnn.py:runlocal")
-  assert (results / "cnn_standard" / "results.json").read_bytes() == finished.read_bytes()
+  assert (results / "cnn_standard_s0" / "results.json").read_bytes() == finished.read_bytes()
   capsys.readouterr()
   assert run_study.main(args) == 0
-  assert "cnn_standard: complete" in capsys.readouterr().out
+  assert "cnn_standard_s0: complete" in capsys.readouterr().out
   assert finished.stat().st_mtime_ns == stamp
 
 
