@@ -6,8 +6,8 @@ README's results table from them (nothing typed in by hand).
   python experiments/study.py table      # rewrites experiments/results/results_table.md and
                                          # the README between the results markers
 
-`collect` copies a finished run's small files (results.json, config.json, the PNGs; never
-checkpoints or data) and writes run.json with the command and the machine that ran it.
+`collect` copies a finished run's small files (results.json, config.json, metrics.jsonl with the
+per-epoch history, the PNGs, the val/test probabilities; never checkpoints or data) and writes run.json with the command and the machine that ran it.
 `table` is idempotent: with no new runs it changes nothing.
 """
 
@@ -29,8 +29,8 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 # The original Keras study's test accuracies (protocol `seed`), by config name.
 ORIGINAL = {"cnn": 0.527, "augment": 0.566, "vgg16_cached": 0.439, "vgg16_frozen": 0.393}
 # val/test probabilities (100 KB each) let `python -m fer.ensemble` rebuild ensembles from here.
-SMALL_FILES = ("results.json", "config.json", "confusion_matrix.png", "learning_curves.png",
-               "val_probs.npy", "test_probs.npy")
+SMALL_FILES = ("results.json", "config.json", "metrics.jsonl", "confusion_matrix.png",
+               "learning_curves.png", "val_probs.npy", "test_probs.npy")
 
 
 def cpu_model() -> str:
@@ -148,9 +148,31 @@ def _per_class_figure(dirs, results_root):
          for name, v in per_run.items()}, classes, results_root / "per_class_accuracy.png")
 
 
+def _family(name: str) -> str:
+  """The config a run name starts with: 'strong' for strong_e30_s0, 'vgg16_cached' for
+  vgg16_cached_scratch."""
+  return next((f for f in ("vgg16_cached", "vgg16_frozen", "vgg16_finetune") if
+               name.startswith(f)), name.split("_")[0])
+
+
+def _curves_figure(dirs, results_root):
+  """experiments/results/val_curves.png: val accuracy per epoch of every run that kept its
+  metrics.jsonl, one panel per config."""
+  sys.path.insert(0, str(REPO))
+  from fer import plots  # pylint: disable=import-outside-toplevel
+  panels = {}
+  for d in dirs:
+    if (d / "metrics.jsonl").is_file():
+      rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l]
+      panels.setdefault(_family(d.name), {})[d.name] = [r["val/accuracy"] for r in rows]
+  if panels:
+    plots.val_curves(panels, results_root / "val_curves.png",
+                     ylabel="val accuracy after each epoch (no TTA)")
+
+
 def table(results_root=RESULTS, readme=REPO / "README.md"):
-  """Rewrites results_table.md, per_class_accuracy.png and the README's table from the runs
-  collected in `results_root`; with no new runs nothing changes."""
+  """Rewrites results_table.md, per_class_accuracy.png, val_curves.png and the README's table
+  from the runs collected in `results_root`; with no new runs nothing changes."""
   results_root, readme = pathlib.Path(results_root), pathlib.Path(readme)
   dirs = sorted(d for d in results_root.iterdir() if (d / "results.json").is_file()
                 and (d / "run.json").is_file())
@@ -162,6 +184,7 @@ def table(results_root=RESULTS, readme=REPO / "README.md"):
   text = "\n".join(lines) + "\n"
   (results_root / "results_table.md").write_text(text)
   _per_class_figure(dirs, results_root)
+  _curves_figure(dirs, results_root)
   body = readme.read_text()
   if START in body and END in body:
     new = body[:body.index(START) + len(START)] + "\n" + text + body[body.index(END):]

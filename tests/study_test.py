@@ -22,6 +22,9 @@ def _fake_run(path, test_accuracy, protocol="seed"):
       "test/per_class_accuracy": per_class, "classes": list("abcdefg")}))
   (path / "config.json").write_text(json.dumps({"input": {"protocol": protocol},
                                                 "model": {"name": "cnn"}}))
+  (path / "metrics.jsonl").write_text("".join(
+      json.dumps({"epoch": e + 1, "val/accuracy": test_accuracy * (e + 1) / 3}) + "\n"
+      for e in range(3)))
   return path
 
 
@@ -45,6 +48,9 @@ def test_table_has_a_row_per_run_and_a_mean_row_per_seed_group(tmp_path):
   body = readme.read_text()
   assert "old table" not in body and body.startswith("intro\n") and body.endswith("after\n")
   assert (results / "per_class_accuracy.png").stat().st_size > 0
+  assert (results / "val_curves.png").stat().st_size > 0
+  assert (results / "cnn_seed_s1" / "metrics.jsonl").read_bytes() == (
+      runs / "cnn_seed_s1" / "metrics.jsonl").read_bytes()
   before = {p.name: p.read_bytes() for p in [readme, *results.glob("*.*")]}
   study.table(results, readme)  # nothing new: nothing changes
   assert before == {p.name: p.read_bytes() for p in [readme, *results.glob("*.*")]}
