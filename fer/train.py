@@ -438,6 +438,7 @@ def _train_and_evaluate(config, workdir, data=None):
 
   try:
     epoch = meta["epoch"]
+    epoch_walls = []
     while epoch < num_epochs and not meta["stopped_early"]:
       t0 = time.perf_counter()
       perm = epoch_perm(epoch)
@@ -492,7 +493,10 @@ def _train_and_evaluate(config, workdir, data=None):
         ckpts.save_best(epoch, state, meta, val["val/accuracy"])
       ckpts.save_last(epoch, state, meta)
       writer.write(meta["history"], row)
-      remaining = (num_epochs - epoch) * (time.perf_counter() - t0)
+      # The ETA uses the median of this process's last 5 epochs, so one slow epoch (a paused
+      # process, a busy machine) does not swing it.
+      epoch_walls.append(time.perf_counter() - t0)
+      remaining = (num_epochs - epoch) * float(np.median(epoch_walls[-5:]))
       print(f"epoch {epoch}/{num_epochs} | {row['train/images_per_second']:,.0f} img/s | "
             f"train loss {train_loss:.4f} acc {train_acc:.4f} | val loss {val['val/loss']:.4f} "
             f"acc {val['val/accuracy']:.4f}{' *' if improved else ''} | "

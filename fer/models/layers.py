@@ -1,4 +1,4 @@
-"""Convolution, pooling and batch-norm layers with CPU-friendly gradients (issue 9: CPU training speed).
+"""Convolution, pooling and batch-norm layers with CPU-friendly gradients (issue 9: CPU speed).
 
 `Conv2D` is a drop-in for `nn.Conv` (stride 1, SAME padding): same parameter names and shapes
 (`kernel` HWIO, `bias`), same initialisers, so checkpoints are interchangeable. Its `impl` picks
@@ -363,10 +363,12 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
 
   Returns (y, mean, var): y = (x - mean) / sqrt(var + epsilon) * scale + bias in `dtype`, and
   the batch statistics (fp32) for the running averages. The same function as flax's
-  nn.BatchNorm in training mode (to float rounding). Autodiff of flax's version makes XLA:CPU
-  run 6-8 passes over each activation in the backward pass; this one makes two (the sums of g
-  and g * x in one reduction, then dx = a * g + k * x + c per channel), and the forward pass
-  writes y as one per-channel affine map that fuses into the following ReLU.
+  nn.BatchNorm in training mode (to float rounding). Autodiff of flax's version leaves XLA:CPU
+  several separate passes over each activation (in a profile of configs/strong.py's step it was
+  ~22% of the thread time, once the convolutions were fast); this backward pass reads each
+  activation twice (the sums of g and g * x in one reduction, then dx = a * g + k * x + c per
+  channel), and the forward pass writes y as one per-channel affine map that fuses into the
+  following ReLU.
   """
   return _batch_norm_train_fwd(x, scale, bias, epsilon, dtype)[0]
 
