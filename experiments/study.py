@@ -7,7 +7,8 @@ README's results table from them (nothing typed in by hand).
                                          # the README between the results markers
 
 `collect` copies a finished run's small files (results.json, config.json, metrics.jsonl with the
-per-epoch history, the PNGs, the val/test probabilities; never checkpoints or data) and writes run.json with the command and the machine that ran it.
+per-epoch history, the PNGs, the val/test probabilities; never checkpoints or data) and writes
+run.json with the command and the machine that ran it.
 `table` is idempotent: with no new runs it changes nothing.
 """
 

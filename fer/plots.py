@@ -97,12 +97,12 @@ def learning_curves(history, path):
   return _save(fig, path)
 
 
-def val_curves(panels: Mapping[str, Mapping[str, Sequence[float]]], path, title="",
+def val_curves(panels: Mapping[str, Mapping[str, Sequence[float]]], path,
                ylabel="val accuracy"):
   """One panel per group of runs (e.g. per config), one line per run: val accuracy after each
   epoch (epochs numbered from 1)."""
   fig = Figure(figsize=(5 * len(panels), 4))
-  axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
+  axes = fig.subplots(1, len(panels), squeeze=False)[0]
   for ax, (panel, runs) in zip(axes, panels.items()):
     for run, accuracy in runs.items():
       ax.plot(range(1, len(accuracy) + 1), accuracy, label=run, linewidth=1)
@@ -112,8 +112,6 @@ def val_curves(panels: Mapping[str, Mapping[str, Sequence[float]]], path, title=
     ax.grid(alpha=0.3)
     ax.legend(frameon=False, fontsize=7)
     ax.spines[["top", "right"]].set_visible(False)
-  if title:
-    fig.suptitle(title)
   return _save(fig, path)
 
 
