@@ -122,9 +122,11 @@ def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
       "best_epoch": "/".join(str(r["best_epoch"]) for r in member_results),
       "tta": "/".join(sorted({m["tta"] for m in members})),
       "classes": list(CLASSES),
-      "device_kind": member_results[0].get("device_kind", "?"),
-      "device_count": member_results[0].get("device_count", 1),
-      "platform": member_results[0].get("platform", "?"),
+      # What trained the members (the ensemble itself only averages); members from several
+      # kinds of machine list each kind.
+      "device_kind": " / ".join(sorted({r.get("device_kind", "?") for r in member_results})),
+      "device_count": max(r.get("device_count", 1) for r in member_results),
+      "platform": " / ".join(sorted({r.get("platform", "?") for r in member_results})),
       "git_commit": train.git_commit(),
       **split_metrics,
   }

@@ -51,6 +51,17 @@ def test_ensemble_averages_the_members_probabilities(run_dir, data, tmp_path):
   assert (tmp_path / "ens" / "confusion_matrix.png").stat().st_size > 0
   config = json.loads((tmp_path / "ens" / "config.json").read_text())
   assert config["ensemble_members"] == [str(a), str(b)]
+  assert on_disk["device_kind"] == "cpu"
+
+
+def test_members_from_several_machines_name_each_kind(run_dir, data, tmp_path):
+  a, b = _member(run_dir, tmp_path, "a"), _member(run_dir, tmp_path, "b")
+  results = json.loads((b / "results.json").read_text())
+  results.update(device_kind="NVIDIA H100 80GB HBM3", device_count=2, platform="gpu")
+  (b / "results.json").write_text(json.dumps(results))
+  out = ensemble.ensemble([a, b], tmp_path / "ens", data=data)
+  assert out["device_kind"] == "NVIDIA H100 80GB HBM3 / cpu"
+  assert out["platform"] == "cpu / gpu" and out["device_count"] == 2
 
 
 def test_recomputed_probabilities_match_the_saved_ones(run_dir, data, tmp_path):
