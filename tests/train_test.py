@@ -55,6 +55,18 @@ def test_learns_synthetic_faces(tmp_path):
   assert history[-1]["train/loss"] < history[0]["train/loss"] * 0.6
 
 
+def test_early_stopping_stops_after_patience_epochs_without_a_better_val(tmp_path, capsys):
+  # A learning rate of ~0 and no batch norm: val accuracy never beats epoch 1's.
+  c = tiny_config(**{"train.num_epochs": 6, "train.early_stopping_epochs": 2,
+                     "optim.learning_rate": 1e-12, "model.batch_norm": False})
+  results = train.train_and_evaluate(c, str(tmp_path))
+  assert results["stopped_early"] and results["epochs_trained"] == 3
+  assert results["best_epoch"] == 1
+  assert "Early stop: no better val accuracy for 2 epochs." in capsys.readouterr().out
+  history = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert len(history) == 3
+
+
 def test_resume_is_exact_and_completed_run_only_reports(tmp_path, capsys):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   # A constant schedule, so that the 1-epoch run below is the first epoch of the 2-epoch run
