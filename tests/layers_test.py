@@ -192,11 +192,13 @@ def test_batch_norm_matches_nn_batch_norm(dtype):
     return value, (y, stats)
 
   grad = jax.jit(jax.grad(loss, argnums=(1, 2), has_aux=True), static_argnums=0)
-  (ref_grads, (ref_y, ref_stats)), (grads, (y, stats)) = grad(ref, variables, x), grad(new, variables, x)
+  ref_grads, (ref_y, ref_stats) = grad(ref, variables, x)
+  grads, (y, stats) = grad(new, variables, x)
   assert y.dtype == ref_y.dtype == dtype
   tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
   np.testing.assert_allclose(y.astype(jnp.float32), ref_y.astype(jnp.float32), **tol)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, ref_stats)
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(ref_stats)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     assert a.dtype == b.dtype
@@ -222,8 +224,6 @@ def test_batch_norm_gradient_is_the_autodiff_gradient_of_its_formula():
   def ours(x, scale, bias):
     return layers.batch_norm_train(x, scale, bias, 1e-5, jnp.dtype(jnp.float32))[0] * w
 
-  for f in (textbook, ours):
-    assert f(x, scale, bias).shape == x.shape
   ref = jax.grad(lambda *a: jnp.sum(jnp.sin(textbook(*a))), argnums=(0, 1, 2))(x, scale, bias)
   got = jax.grad(lambda *a: jnp.sum(jnp.sin(ours(*a))), argnums=(0, 1, 2))(x, scale, bias)
   for a, b in zip(got, ref):

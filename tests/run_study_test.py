@@ -26,7 +26,8 @@ def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
 
 def test_runs_collects_and_then_skips_a_complete_run(tmp_path, capsys):
   root, results = tmp_path / "study", tmp_path / "results"
-  args = ["--root", str(root), "--only=cnn_standard_s0", "--runlocal", "--results", str(results)]
+  args = ["--root", str(root), "--only=cnn_standard_s0", "--runlocal",
+          "--results", str(results)]
   assert run_study.main(args) == 0
   finished = root / "cnn_standard_s0" / "results.json"
   stamp = finished.stat().st_mtime_ns
