@@ -63,14 +63,24 @@ def collect(run_dir, name, command, machine_desc=None, results_root=RESULTS):
   print(f"collected {run_dir} -> {out}")
 
 
+# The config files, longest name first, so a run name finds the config it was named after.
+CONFIGS = sorted((p.stem for p in (REPO / "configs").glob("*.py") if not p.stem.startswith("_")),
+                 key=len, reverse=True)
+
+
+def _config_name(name: str) -> str | None:
+  """The config a run is named after: 'strong' for strong_e30_s0, 'vgg16_cached' for
+  vgg16_cached_scratch; None where the name starts with no config's."""
+  return next((c for c in CONFIGS if name.startswith(c)), None)
+
+
 def _original(name: str, protocol: str, model_name: str = "") -> float | None:
   """The original study's number (protocol seed only) for a run named after one of its configs,
   else for its model's name."""
   if protocol != "seed":
     return None
-  key = next((k for k in sorted(ORIGINAL, key=len, reverse=True) if name.startswith(k)),
-             model_name)
-  return ORIGINAL.get(key)
+  key = _config_name(name)
+  return ORIGINAL.get(key if key in ORIGINAL else model_name)
 
 
 def _seed_group(name: str) -> str | None:
@@ -149,13 +159,6 @@ def _per_class_figure(dirs, results_root):
          for name, v in per_run.items()}, classes, results_root / "per_class_accuracy.png")
 
 
-def _family(name: str) -> str:
-  """The config a run name starts with: 'strong' for strong_e30_s0, 'vgg16_cached' for
-  vgg16_cached_scratch."""
-  return next((f for f in ("vgg16_cached", "vgg16_frozen", "vgg16_finetune") if
-               name.startswith(f)), name.split("_")[0])
-
-
 def _curves_figure(dirs, results_root):
   """experiments/results/val_curves.png: val accuracy per epoch of every run that kept its
   metrics.jsonl, one panel per config."""
@@ -165,7 +168,8 @@ def _curves_figure(dirs, results_root):
   for d in dirs:
     if (d / "metrics.jsonl").is_file():
       rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l]
-      panels.setdefault(_family(d.name), {})[d.name] = [r["val/accuracy"] for r in rows]
+      config = _config_name(d.name) or d.name.split("_")[0]
+      panels.setdefault(config, {})[d.name] = [r["val/accuracy"] for r in rows]
   if panels:
     plots.val_curves(panels, results_root / "val_curves.png",
                      ylabel="val accuracy after each epoch (no TTA)")

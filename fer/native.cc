@@ -1217,8 +1217,8 @@ ffi::Error ConvWinoBf16Wgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
           const int64_t end = std::min(tiles, (p + 1) * per);
           for (int64_t t = p * per; t < end; t += TB)
             WinoWgradTiles<OB(), 8>(xs + b * N * H * W * C, gs + b * N * H * W * O, Mp, t,
-                                     std::min(TB, end - t), H, W, C, O, V.get(), E.get(),
-                                     ta.get(), tb.get());
+                                    std::min(TB, end - t), H, W, C, O, V.get(), E.get(),
+                                    ta.get(), tb.get());
         }
       });
     });

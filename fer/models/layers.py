@@ -373,12 +373,16 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
   return _batch_norm_train_fwd(x, scale, bias, epsilon, dtype)[0]
 
 
+def _bn_apply(x, scale, bias, mean, r, dtype):
+  """(x - mean) * r * scale + bias as one per-channel affine map, computed in fp32."""
+  a = scale * r
+  return (x.astype(jnp.float32) * a + (bias - mean * a)).astype(dtype)
+
+
 def _batch_norm_train_fwd(x, scale, bias, epsilon, dtype):
   mean, var = _bn_stats(x)
   r = lax.rsqrt(var + epsilon)
-  a = scale * r
-  y = (x.astype(jnp.float32) * a + (bias - mean * a)).astype(dtype)
-  return (y, mean, var), (x, scale, mean, r)
+  return (_bn_apply(x, scale, bias, mean, r, dtype), mean, var), (x, scale, mean, r)
 
 
 def _batch_norm_train_bwd(epsilon, dtype, res, cts):
@@ -425,8 +429,8 @@ class BatchNorm(nn.Module):
     ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
     dtype = jnp.dtype(self.dtype or x.dtype)
     if self.use_running_average:
-      a = scale * lax.rsqrt(ra_var.value + self.epsilon)
-      return (x.astype(jnp.float32) * a + (bias - ra_mean.value * a)).astype(dtype)
+      return _bn_apply(x, scale, bias, ra_mean.value, lax.rsqrt(ra_var.value + self.epsilon),
+                       dtype)
     y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, dtype)
     if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
