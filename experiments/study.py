@@ -4,7 +4,7 @@ README's results table from them (nothing typed in by hand).
   python experiments/study.py collect runs/cnn_standard --name=cnn_standard \
       --command="python -m fer.main --config=configs/cnn.py --workdir=runs/cnn_standard"
   python experiments/study.py table      # rewrites experiments/results/results_table.md and
-                                         # the README between the results markers
+                                         # the README's summary and results tables
 
 `collect` copies a finished run's small files (results.json, config.json, metrics.jsonl with the
 per-epoch history, the PNGs, the val/test probabilities; never checkpoints or data) and writes
@@ -26,9 +26,20 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+SUMMARY_START, SUMMARY_END = "<!-- summary:start -->", "<!-- summary:end -->"
 
 # The original Keras study's test accuracies (protocol `seed`), by config name.
 ORIGINAL = {"cnn": 0.527, "augment": 0.566, "vgg16_cached": 0.439, "vgg16_frozen": 0.393}
+# The README's first table: each experiment of the original study (and ours beyond it) with its
+# config, beside what our runs of that config measured in each protocol.
+EXPERIMENTS = (
+    ("tuned CNN (4 conv, 3 dense, softmax)", "cnn"),
+    ("the same CNN + augmentation + dropout", "augment"),
+    ("VGG16 conv base run once, cached features, dense head", "vgg16_cached"),
+    ("frozen VGG16 + head end-to-end on augmented input", "vgg16_frozen"),
+    ("(their future work) fine-tune the top VGG16 block", "vgg16_finetune"),
+    ("beyond the study: VGG-style network, ten-crop TTA", "strong"),
+)
 # val/test probabilities (100 KB each) let `python -m fer.ensemble` rebuild ensembles from here.
 SMALL_FILES = ("results.json", "config.json", "metrics.jsonl", "confusion_matrix.png",
                "learning_curves.png", "val_probs.npy", "test_probs.npy")
@@ -141,6 +152,45 @@ def _seed_rows(dirs):
   return rows
 
 
+def _summary_cell(dirs, config, protocol):
+  """What the headline runs of `config` measured in `protocol`: '<mean> ± <std> (<n> seeds),
+  ensemble <acc>' from the runs named <config>[_<protocol>]_s<k> and ..._ensemble (variants
+  such as strong_e30_s0 or cnn_standard_gpu are left to the results table)."""
+  name = re.compile(rf"{re.escape(config)}(_{protocol})?_(s\d+|ensemble)")
+  test = {}
+  for d in dirs:
+    c = json.loads((d / "config.json").read_text())
+    if name.fullmatch(d.name) and c["input"]["protocol"] == protocol:
+      test[d.name] = json.loads((d / "results.json").read_text())["test/accuracy"]
+  seeds = [acc for n, acc in test.items() if not n.endswith("_ensemble")]
+  parts = []
+  if len(seeds) > 1:
+    parts.append(f"{np.mean(seeds):.1%} ± {np.std(seeds, ddof=1):.1%} ({len(seeds)} seeds)")
+  elif seeds:
+    parts.append(f"{seeds[0]:.1%} (1 run)")
+  parts += [f"ensemble {acc:.1%}" for n, acc in test.items() if n.endswith("_ensemble")]
+  return ", ".join(parts) or "not run"
+
+
+def _summary(dirs):
+  lines = ["| experiment | config | original study (`seed`) | ours, `seed` | "
+           "ours, `standard` (PrivateTest) |", "|---|---|---:|---:|---:|"]
+  for what, config in EXPERIMENTS:
+    original = ORIGINAL.get(config)
+    lines.append(f"| {what} | `configs/{config}.py` | "
+                 f"{'-' if original is None else f'{original:.1%}'} | "
+                 f"{_summary_cell(dirs, config, 'seed')} | "
+                 f"{_summary_cell(dirs, config, 'standard')} |")
+  return "\n".join(lines) + "\n"
+
+
+def _between(body, start, end, text):
+  """body with the text between the markers start and end replaced by text (if both are in)."""
+  if start not in body or end not in body:
+    return body
+  return body[:body.index(start) + len(start)] + "\n" + text + body[body.index(end):]
+
+
 def _per_class_figure(dirs, results_root):
   """experiments/results/per_class_accuracy.png: each run's test accuracy per class (seed
   groups averaged over their seeds)."""
@@ -176,8 +226,9 @@ def _curves_figure(dirs, results_root):
 
 
 def table(results_root=RESULTS, readme=REPO / "README.md"):
-  """Rewrites results_table.md, per_class_accuracy.png, val_curves.png and the README's table
-  from the runs collected in `results_root`; with no new runs nothing changes."""
+  """Rewrites results_table.md, per_class_accuracy.png, val_curves.png and the README's tables
+  (the summary and the results) from the runs collected in `results_root`; with no new runs
+  nothing changes."""
   results_root, readme = pathlib.Path(results_root), pathlib.Path(readme)
   dirs = sorted(d for d in results_root.iterdir() if (d / "results.json").is_file()
                 and (d / "run.json").is_file())
@@ -191,10 +242,9 @@ def table(results_root=RESULTS, readme=REPO / "README.md"):
   _per_class_figure(dirs, results_root)
   _curves_figure(dirs, results_root)
   body = readme.read_text()
-  if START in body and END in body:
-    new = body[:body.index(START) + len(START)] + "\n" + text + body[body.index(END):]
-    if new != body:
-      readme.write_text(new)
+  new = _between(_between(body, START, END, text), SUMMARY_START, SUMMARY_END, _summary(dirs))
+  if new != body:
+    readme.write_text(new)
   print(text)
 
 

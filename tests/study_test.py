@@ -65,3 +65,25 @@ def test_collect_refuses_an_unfinished_run(tmp_path):
   else:
     raise AssertionError("collect accepted a run without results.json")
   assert not (tmp_path / "results").exists()
+
+
+def test_summary_table_gives_each_experiment_its_seed_groups_and_ensembles(tmp_path):
+  runs, results = tmp_path / "runs", tmp_path / "results"
+  for name, acc, protocol in [("cnn_seed_s0", 0.50, "seed"), ("cnn_seed_s1", 0.54, "seed"),
+                              ("cnn_seed_ensemble", 0.57, "seed"),
+                              ("cnn_standard_gpu", 0.9, "standard"),  # a variant: not summarised
+                              ("strong_s0", 0.71, "standard"), ("strong_e30_s0", 0.6, "standard")]:
+    study.collect(_fake_run(runs / name, acc, protocol), name, "cmd", "m", results)
+  readme = tmp_path / "README.md"
+  readme.write_text(f"{study.SUMMARY_START}\nold\n{study.SUMMARY_END}\n"
+                    f"{study.START}\n{study.END}\n")
+  study.table(results, readme)
+  body = readme.read_text()
+  assert "old" not in body
+  rows = {l.split(" | ")[1]: l.split(" | ")[2:] for l in body.splitlines()
+          if l.startswith("| ") and "`configs/" in l}
+  assert rows["`configs/cnn.py`"] == [
+      "52.7%", f"52.0% ± {np.std([0.5, 0.54], ddof=1):.1%} (2 seeds), ensemble 57.0%",
+      "not run |"]
+  assert rows["`configs/strong.py`"] == ["-", "not run", "71.0% (1 run) |"]
+  assert rows["`configs/vgg16_cached.py`"] == ["43.9%", "not run", "not run |"]
