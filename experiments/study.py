@@ -158,9 +158,8 @@ def _summary_cell(dirs, config, protocol):
   such as strong_e30_s0 or cnn_standard_gpu are left to the results table)."""
   name = re.compile(rf"{re.escape(config)}(_{protocol})?_(s\d+|ensemble)")
   test = {}
-  for d in dirs:
-    c = json.loads((d / "config.json").read_text())
-    if name.fullmatch(d.name) and c["input"]["protocol"] == protocol:
+  for d in filter(lambda d: name.fullmatch(d.name), dirs):  # read only the matching runs
+    if json.loads((d / "config.json").read_text())["input"]["protocol"] == protocol:
       test[d.name] = json.loads((d / "results.json").read_text())["test/accuracy"]
   seeds = [acc for n, acc in test.items() if not n.endswith("_ensemble")]
   parts = []
