@@ -560,9 +560,17 @@ def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, mode
   predict = make_predict(model, config.eval.tta)
   split_metrics = {}
   for split in ("val", "test"):
+    # Ten-crop TTA over PrivateTest takes minutes on a CPU: say what runs and how long it took.
+    if is_primary():
+      print(f"Evaluating the best checkpoint (epoch {best_epoch}) on {split}: "
+            f"{len(data[split]['label'])} images, {config.eval.tta} TTA ...", flush=True)
+    start = time.perf_counter()
     probs = predict_probs(predict, variables, data[split]["image"],
                           config.input.eval_batch_size, mesh)
     split_metrics[split] = metrics_lib.classification_metrics(probs, data[split]["label"], split)
+    if is_primary():
+      print(f"  {split}/accuracy {split_metrics[split][f'{split}/accuracy']:.4f} "
+            f"({time.perf_counter() - start:.0f} s)", flush=True)
     if is_primary():
       np.save(workdir / f"{split}_probs.npy", probs.astype(np.float32))
   devices = jax.devices()

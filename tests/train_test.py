@@ -62,7 +62,10 @@ def test_early_stopping_stops_after_patience_epochs_without_a_better_val(tmp_pat
   results = train.train_and_evaluate(c, str(tmp_path))
   assert results["stopped_early"] and results["epochs_trained"] == 3
   assert results["best_epoch"] == 1
-  assert "Early stop: no better val accuracy for 2 epochs." in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "Early stop: no better val accuracy for 2 epochs." in out
+  # The final evaluation says which checkpoint it evaluates on which split, before it starts.
+  assert "Evaluating the best checkpoint (epoch 1) on test: " in out
   history = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert len(history) == 3
 
