@@ -152,15 +152,20 @@ def _seed_rows(dirs):
   return rows
 
 
+def _headline(dirs, config, protocol) -> dict:
+  """{run name: results.json} of the headline runs of `config` in `protocol`: those named
+  <config>[_<protocol>]_s<k> and ..._ensemble (variants such as strong_e30_s0 or
+  cnn_standard_gpu are left to the results table)."""
+  name = re.compile(rf"{re.escape(config)}(_{protocol})?_(s\d+|ensemble)")
+  return {d.name: json.loads((d / "results.json").read_text())
+          for d in filter(lambda d: name.fullmatch(d.name), dirs)  # read only the matching runs
+          if json.loads((d / "config.json").read_text())["input"]["protocol"] == protocol}
+
+
 def _summary_cell(dirs, config, protocol):
   """What the headline runs of `config` measured in `protocol`: '<mean> ± <std> (<n> seeds),
-  ensemble <acc>' from the runs named <config>[_<protocol>]_s<k> and ..._ensemble (variants
-  such as strong_e30_s0 or cnn_standard_gpu are left to the results table)."""
-  name = re.compile(rf"{re.escape(config)}(_{protocol})?_(s\d+|ensemble)")
-  test = {}
-  for d in filter(lambda d: name.fullmatch(d.name), dirs):  # read only the matching runs
-    if json.loads((d / "config.json").read_text())["input"]["protocol"] == protocol:
-      test[d.name] = json.loads((d / "results.json").read_text())["test/accuracy"]
+  ensemble <acc>'."""
+  test = {n: r["test/accuracy"] for n, r in _headline(dirs, config, protocol).items()}
   seeds = [acc for n, acc in test.items() if not n.endswith("_ensemble")]
   parts = []
   if len(seeds) > 1:
@@ -191,21 +196,30 @@ def _between(body, start, end, text):
 
 
 def _per_class_figure(dirs, results_root):
-  """experiments/results/per_class_accuracy.png: each run's test accuracy per class (seed
-  groups averaged over their seeds)."""
+  """experiments/results/per_class_accuracy.png: the summary's runs, test accuracy per class:
+  a panel per protocol, per config the mean over its seeds and its ensemble."""
   sys.path.insert(0, str(REPO))
   from fer import plots  # pylint: disable=import-outside-toplevel
-  per_run = {}
-  for d in dirs:
-    r = json.loads((d / "results.json").read_text())
-    group = _seed_group(d.name)
-    per_run.setdefault(f"{group} (seed mean)" if group else d.name, []).append(
-        r["test/per_class_accuracy"])
-    classes = r["classes"]
-  if per_run:
-    plots.per_class_accuracy(
-        {name: np.mean(np.array(v, dtype=np.float64), axis=0).tolist()
-         for name, v in per_run.items()}, classes, results_root / "per_class_accuracy.png")
+  panels, classes = {}, None
+  for protocol in ("seed", "standard"):
+    bars = {}
+    for _, config in EXPERIMENTS:
+      runs = _headline(dirs, config, protocol)
+      seeds = [r["test/per_class_accuracy"] for n, r in runs.items()
+               if not n.endswith("_ensemble")]
+      if seeds:
+        bars[f"{config}: mean of {len(seeds)} run{'s' * (len(seeds) > 1)}"] = np.mean(
+            np.array(seeds, dtype=np.float64), axis=0).tolist()
+      for n, r in runs.items():
+        if n.endswith("_ensemble"):
+          size = r.get("ensemble_size")
+          bars[f"{config}: ensemble" + (f" of {size}" if size else "")] = r[
+              "test/per_class_accuracy"]
+      classes = next((r["classes"] for r in runs.values()), classes)
+    if bars:
+      panels[f"protocol {protocol}"] = bars
+  if panels:
+    plots.per_class_accuracy(panels, classes, results_root / "per_class_accuracy.png")
 
 
 def _curves_figure(dirs, results_root):

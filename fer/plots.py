@@ -150,20 +150,27 @@ def search_scatter(rows, path, title=""):
   return _save(fig, path)
 
 
-def per_class_accuracy(per_run: Mapping[str, Sequence[float]], class_names, path, title=""):
-  """Grouped bars: one group per class, one bar per run (its accuracy on that class)."""
-  runs = list(per_run)
-  fig = Figure(figsize=(max(9, 1.6 * len(class_names)), 4.5))
-  ax = fig.subplots()
-  width = 0.8 / max(len(runs), 1)
-  for i, run in enumerate(runs):
-    xs = [c + (i - (len(runs) - 1) / 2) * width for c in range(len(class_names))]
-    ax.bar(xs, [np.nan if v is None else v for v in per_run[run]], width, label=run)
-  ax.set_xticks(range(len(class_names)), class_names)
-  ax.set_ylim(0, 1)
-  ax.set_ylabel("test accuracy of the class (recall)")
-  ax.set_title(title or "per-class test accuracy")
-  ax.grid(axis="y", alpha=0.3)
-  ax.legend(frameon=False, fontsize=7, ncol=2)
-  ax.spines[["top", "right"]].set_visible(False)
+def per_class_accuracy(panels: Mapping[str, Mapping[str, Sequence[float]]], class_names, path,
+                       title="per-class test accuracy"):
+  """Grouped bars, one panel per group of runs (e.g. per protocol): one group of bars per class,
+  one bar per run (its accuracy on that class). Labels '<group>: <what>' share a colour per
+  <group> across panels; a label with 'ensemble' in it is hatched."""
+  groups = list(dict.fromkeys(l.split(":")[0] for bars in panels.values() for l in bars))
+  colours = {g: f"C{i % 10}" for i, g in enumerate(groups)}
+  fig = Figure(figsize=(max(9, 1.6 * len(class_names)), 3.6 * len(panels)))
+  axes = fig.subplots(len(panels), 1, squeeze=False, sharex=True)[:, 0]
+  for ax, (panel, bars) in zip(axes, panels.items()):
+    width = 0.8 / max(len(bars), 1)
+    for i, (label, values) in enumerate(bars.items()):
+      xs = [c + (i - (len(bars) - 1) / 2) * width for c in range(len(class_names))]
+      ax.bar(xs, [np.nan if v is None else v for v in values], width, label=label,
+             color=colours[label.split(":")[0]], edgecolor="white", linewidth=0.5,
+             hatch="///" if "ensemble" in label else None)
+    ax.set_xticks(range(len(class_names)), class_names)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("test accuracy (recall)")
+    ax.set_title(f"{title}, {panel}" if len(panels) > 1 else title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(frameon=False, fontsize=7, ncol=2, loc="upper left")
+    ax.spines[["top", "right"]].set_visible(False)
   return _save(fig, path)

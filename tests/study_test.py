@@ -5,6 +5,7 @@ import pathlib
 import sys
 
 import numpy as np
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -67,7 +68,12 @@ def test_collect_refuses_an_unfinished_run(tmp_path):
   assert not (tmp_path / "results").exists()
 
 
-def test_summary_table_gives_each_experiment_its_seed_groups_and_ensembles(tmp_path):
+def test_summary_table_gives_each_experiment_its_seed_groups_and_ensembles(tmp_path,
+                                                                           monkeypatch):
+  from fer import plots  # pylint: disable=import-outside-toplevel
+  drawn = {}
+  monkeypatch.setattr(plots, "per_class_accuracy",
+                      lambda panels, classes, path: drawn.update(panels))
   runs, results = tmp_path / "runs", tmp_path / "results"
   for name, acc, protocol in [("cnn_seed_s0", 0.50, "seed"), ("cnn_seed_s1", 0.54, "seed"),
                               ("cnn_seed_ensemble", 0.57, "seed"),
@@ -87,3 +93,7 @@ def test_summary_table_gives_each_experiment_its_seed_groups_and_ensembles(tmp_p
       "not run |"]
   assert rows["`configs/strong.py`"] == ["-", "not run", "71.0% (1 run) |"]
   assert rows["`configs/vgg16_cached.py`"] == ["43.9%", "not run", "not run |"]
+  # The per-class figure draws the same runs: a panel per protocol, seed means and ensembles.
+  assert drawn == {"protocol seed": {"cnn: mean of 2 runs": pytest.approx([0.52] * 7),
+                                     "cnn: ensemble": [0.57] * 7},
+                   "protocol standard": {"strong: mean of 1 run": [0.71] * 7}}
