@@ -7,7 +7,7 @@ r"""The whole study in one command: every experiment into --root, skipping runs 
 Experiments (names as in the README's results table): data_report, search, cnn_standard_s<k>,
 augment_standard_s<k> (protocol `standard`), cnn_seed_s<k>, augment_seed_s<k> (protocol `seed`,
 the original study's), vgg16_cached, vgg16_frozen, vgg16_finetune, strong_s<k> and
-strong_ensemble, for k < --seeds.
+strong_ensemble, strong_seed_s<k> and strong_seed_ensemble, for k < --seeds.
 `--only` takes name prefixes. A run is complete when its workdir holds its final file
 (results.json; data_report.json for the data report; best_config.py for the search); a killed
 run resumes from its last checkpoint when the command is repeated. Each finished training run is
@@ -70,12 +70,14 @@ def experiments(root: pathlib.Path, seeds: int, vgg16_weights: str = "keras",
           t(frozen, "configs/vgg16_frozen.py", *weights),
           t(f"vgg16_finetune{suffix}", "configs/vgg16_finetune.py", *weights,
             f"--config.init_from={root / frozen}")]
-  members = [root / f"strong_s{k}" for k in range(seeds)]
-  out += [t(m.name, "configs/strong.py", f"--config.seed={k}") for k, m in enumerate(members)]
-  if seeds >= 2:
-    out.append(Experiment("strong_ensemble", (
-        "fer.ensemble", f"--workdirs={','.join(map(str, members))}",
-        f"--out={root / 'strong_ensemble'}")))
+  for tag, protocol in (("", ()), ("_seed", ("--config.input.protocol=seed",))):
+    members = [root / f"strong{tag}_s{k}" for k in range(seeds)]
+    out += [t(m.name, "configs/strong.py", *protocol, f"--config.seed={k}")
+            for k, m in enumerate(members)]
+    if seeds >= 2:
+      out.append(Experiment(f"strong{tag}_ensemble", (
+          "fer.ensemble", f"--workdirs={','.join(map(str, members))}",
+          f"--out={root / f'strong{tag}_ensemble'}")))
   return out
 
 

@@ -16,7 +16,12 @@ def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
                    "cnn_standard_s1", "augment_standard_s1",
                    "cnn_seed_s0", "augment_seed_s0", "cnn_seed_s1", "augment_seed_s1",
                    "vgg16_cached", "vgg16_frozen", "vgg16_finetune",
-                   "strong_s0", "strong_s1", "strong_ensemble"]
+                   "strong_s0", "strong_s1", "strong_ensemble",
+                   "strong_seed_s0", "strong_seed_s1", "strong_seed_ensemble"]
+  strong_seed = {e.name: e for e in run_study.experiments(tmp_path, seeds=2)}["strong_seed_s1"]
+  assert run_study.command(strong_seed) == (
+      f"python -m fer.main --config=configs/strong.py --workdir={tmp_path / 'strong_seed_s1'} "
+      "--config.input.protocol=seed --config.seed=1")
   by_name = {e.name: e for e in run_study.experiments(tmp_path, seeds=2, vgg16_weights="none")
              if e.name.startswith("vgg16")}
   assert f"--config.init_from={tmp_path / 'vgg16_frozen_scratch'}" in by_name[
