@@ -25,6 +25,7 @@ import fcntl
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import sys
@@ -164,7 +165,9 @@ def _describe(e, limit=600):
   orbax wraps the precise tensorstore or JSON error (which array, file and byte range, and the
   OS error at the end) in vaguer ones."""
   e = _causes(e)[-1]
-  text = " ".join(str(e).split())
+  # Tensorstore ends its errors with its whole spec as JSON (~1.5 KB), after the OS error: drop
+  # it, or eliding the middle would cut out the OS error (e.g. "No space left on device").
+  text = re.sub(r"\s*\[tensorstore_spec='[^']*'\]", "", " ".join(str(e).split()))
   if len(text) > limit:
     text = f"{text[:limit // 2]} ... {text[-limit // 2:]}"
   return f"{type(e).__name__}: {text}"

@@ -224,7 +224,17 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(small_disk, refere
   assert digests(workdir / "checkpoints") == before  # and the failed step left nothing behind
 
 
-def test_failed_save_is_reported_and_leaves_the_previous_step(tmp_path, monkeypatch):
+# Tensorstore's own report: the OS error between a long path and a long JSON spec.
+_TENSORSTORE_ENOSPC = ValueError(
+    'RESOURCE_EXHAUSTED: Error writing "state/mean/.zarray" in OCDBT database at local file "'
+    + "/deep" * 60 + '/": Failed to write 123386 bytes to file 31: No space left on device '
+    "[tensorstore_spec='" + '{\\"context\\": {}, \\"driver\\": \\"zarr\\"}' * 60
+    + "'] [os_error_code='28']")
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), _TENSORSTORE_ENOSPC],
+                         ids=["oserror", "tensorstore"])
+def test_failed_save_is_reported_and_leaves_the_previous_step(tmp_path, monkeypatch, error):
   """The same without a tmpfs: the write fails with ENOSPC after orbax made its tmp dir."""
   ckpts = checkpointing.Checkpoints(tmp_path)
   state = {"w": jnp.arange(4.0), "step": jnp.int32(1)}
@@ -234,12 +244,14 @@ def test_failed_save_is_reported_and_leaves_the_previous_step(tmp_path, monkeypa
   def full_disk(step, **kwargs):
     del kwargs
     (pathlib.Path(ckpts.last.directory) / f"{step}.orbax-checkpoint-tmp").mkdir()
-    raise OSError(28, "No space left on device")
+    raise error
 
   monkeypatch.setattr(ckpts.last, "save", full_disk)
   with pytest.raises(checkpointing.CheckpointError,
-                     match=r"checkpoint 2 .*the disk is full.*checkpoint there \(1\) is intact"):
+                     match=r"checkpoint 2 .*the disk is full.*No space left on device.*"
+                           r"checkpoint there \(1\) is intact") as e:
     ckpts.save_last(2, state, {"epoch": 2})
+  assert "tensorstore_spec" not in str(e.value)
   assert digests(tmp_path / "checkpoints") == before
   ckpts.close()
 
