@@ -11,7 +11,8 @@ trained on the same splits (same data protocol); the ensemble is scored against 
 labels. Which runs to ensemble is a choice to make on val accuracy; test is only reported.
 
 Writes into --out: results.json (val/test accuracy, macro-F1, per-class accuracy and confusion
-matrix, as a training run does, plus each member's own accuracies), config.json (the first
+matrix, as a training run does, plus each member's own accuracies and how often two members
+predict the same class, `<split>/member_agreement`), config.json (the first
 member's config and the member list), val_probs.npy, test_probs.npy and confusion_matrix.png.
 """
 
@@ -111,6 +112,10 @@ def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
     mean = np.mean(probs[s], axis=0).astype(np.float32)
     np.save(out / f"{s}_probs.npy", mean)
     split_metrics.update(metrics_lib.classification_metrics(mean, data[s]["label"], s))
+    # How often two members predict the same class (mean over pairs): near 1, little to gain.
+    votes = [p.argmax(1) for p in probs[s]]
+    split_metrics[f"{s}/member_agreement"] = float(np.mean(
+        [(a == b).mean() for i, a in enumerate(votes) for b in votes[i + 1:]]))
   results = {
       "val/accuracy": split_metrics["val/accuracy"],
       "test/accuracy": split_metrics["test/accuracy"],
@@ -138,8 +143,9 @@ def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
                          title=f"ensemble of {len(workdirs)}: test accuracy "
                                f"{results['test/accuracy']:.3f}")
   print(f"Ensemble of {len(workdirs)}: val/accuracy {results['val/accuracy']:.4f}, test/accuracy "
-        f"{results['test/accuracy']:.4f}, test/macro_f1 {results['test/macro_f1']:.4f}. "
-        f"Results in {out}/results.json", flush=True)
+        f"{results['test/accuracy']:.4f}, test/macro_f1 {results['test/macro_f1']:.4f}; the "
+        f"members agree on {results['val/member_agreement']:.1%} of val images (mean over "
+        f"pairs). Results in {out}/results.json", flush=True)
   return results
 
 

@@ -46,6 +46,11 @@ def test_ensemble_averages_the_members_probabilities(run_dir, data, tmp_path):
   # b votes for class 3 ("happy") almost everywhere: its own accuracy is the share of class 3.
   assert results["members"][1]["test/accuracy"] == pytest.approx(
       float((data["test"]["label"] == 3).mean()))
+  # ... so the two agree where a predicts class 3 too; a third copy of a agrees with a fully.
+  agree = float((np.load(a / "val_probs.npy").argmax(1) == 3).mean())
+  assert results["val/member_agreement"] == pytest.approx(agree)
+  three = ensemble.ensemble([a, b, _member(run_dir, tmp_path, "c")], tmp_path / "ens3", data=data)
+  assert three["val/member_agreement"] == pytest.approx((agree + agree + 1) / 3)
   on_disk = json.loads((tmp_path / "ens" / "results.json").read_text())
   assert on_disk["ensemble_size"] == 2 and on_disk["test/accuracy"] == results["test/accuracy"]
   assert (tmp_path / "ens" / "confusion_matrix.png").stat().st_size > 0
