@@ -26,6 +26,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.name = "cnn"
   c.model.conv_features = (32, 64, 128, 256)  # one conv layer each
   c.model.convs_per_block = 1  # conv layers before each pooling
+  c.model.blocks_per_stage = 2  # resnet only: residual blocks per stage (conv_features)
   c.model.kernel_size = 3
   c.model.pool = "max"  # max | avg | none
   c.model.batch_norm = False

@@ -4,6 +4,8 @@
   vgg16       VGG16 conv base plus head on images (fer/models/vgg16.py); keys head_features,
               head_dropout, head_pool, input_size, preprocess (added by configs/vgg16_*.py)
   vgg16_head  the VGG16 head alone, on features cached by fer/features.py (same keys)
+  resnet      a ResNet (fer/models/resnet.py): conv_features are the stage widths,
+              blocks_per_stage residual blocks each, then dense_features and dropout
 """
 
 import jax.numpy as jnp
@@ -30,6 +32,22 @@ def build_model(model_cfg):
         conv_impl=layers.resolve_conv_impl(model_cfg.get("conv_impl", "auto")),
         pool_impl=model_cfg.get("pool_impl", "reshape"),
     )
+  if model_cfg.name == "resnet":
+    from fer.models import resnet  # pylint: disable=import-outside-toplevel
+    blocks = model_cfg.get("blocks_per_stage", 2)
+    if not isinstance(blocks, int) or blocks < 1 or not model_cfg.conv_features:
+      raise ValueError(f"model.blocks_per_stage={blocks!r} and model.conv_features="
+                       f"{tuple(model_cfg.conv_features)}: a resnet needs at least one block "
+                       "per stage and one stage")
+    return resnet.ResNet(
+        stage_features=tuple(model_cfg.conv_features),
+        blocks_per_stage=blocks,
+        dense_features=tuple(model_cfg.dense_features),
+        dropout=model_cfg.dropout,
+        dtype=dtype,
+        conv_impl=layers.resolve_conv_impl(model_cfg.get("conv_impl", "auto")),
+        pool_impl=model_cfg.get("pool_impl", "reshape"),
+    )
   if model_cfg.name in ("vgg16", "vgg16_head"):
     from fer.models import vgg16  # pylint: disable=import-outside-toplevel
     model = vgg16.VGG16(
@@ -41,4 +59,4 @@ def build_model(model_cfg):
         dtype=dtype,
     )
     return model if model_cfg.name == "vgg16" else vgg16.head_of(model)
-  raise ValueError(f"model.name={model_cfg.name!r}: expected one of: cnn, vgg16, vgg16_head")
+  raise ValueError(f"model.name={model_cfg.name!r}: expected one of: cnn, resnet, vgg16, vgg16_head")
