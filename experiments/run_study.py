@@ -3,6 +3,7 @@ r"""The whole study in one command: every experiment into --root, skipping runs 
   python experiments/run_study.py --root=runs/study                  # everything
   python experiments/run_study.py --root=runs/study --only=cnn,augment --seeds=3
   python experiments/run_study.py --root=runs/study --dry_run        # list, run nothing
+  python experiments/run_study.py --root=runs/study --only=strong --seeds=4 --parallel=4  # one GPU
 
 Experiments (names as in the README's results table): data_report, search, cnn_standard_s<k>,
 augment_standard_s<k> (protocol `standard`), cnn_seed_s<k>, augment_seed_s<k> (protocol `seed`,
@@ -13,6 +14,10 @@ strong_ensemble, strong_seed_s<k> and strong_seed_ensemble, for k < --seeds.
 run resumes from its last checkpoint when the command is repeated. Each finished training run is
 collected into --results/<name>/ (`experiments/study.py collect`: results, config, figures, the
 command and this machine), then `python experiments/study.py table` rebuilds the README table.
+`--parallel=N` runs up to N at once, each logging to <root>/<name>.log: one GPU trains several
+of these small networks at once faster than one after the other (the strong runs of the
+results table shared an H100 3-9 at a time). Ensembles wait for their members and fine-tuning
+for its frozen run; a run whose dependency failed is not started.
 
 Data: $FER2013_ARCHIVE (and $FER_DATA_DIR) as for fer.main. The VGG16 runs need the pretrained
 weights (fer/pretrained.py says how to get them); `--vgg16_weights=none` trains them from
@@ -22,6 +27,7 @@ scratch instead, under names ending in `_scratch`. On the 2-core CPU the full st
 
 import argparse
 import dataclasses
+import os
 import pathlib
 import shlex
 import subprocess
@@ -40,12 +46,14 @@ class Experiment:
   argv: tuple[str, ...]  # after `python -m`
   done_file: str = "results.json"
   collect: bool = True
+  after: tuple[str, ...] = ()  # experiments that must finish first (where they are selected)
 
 
-def _train(name, config, *overrides, root, runlocal, done_file="results.json", collect=True):
+def _train(name, config, *overrides, root, runlocal, done_file="results.json", collect=True,
+           after=()):
   config = f"{config}:runlocal" if runlocal else config
   argv = ("fer.main", f"--config={config}", f"--workdir={root / name}", *overrides)
-  return Experiment(name, argv, done_file, collect)
+  return Experiment(name, argv, done_file, collect, tuple(after))
 
 
 def experiments(root: pathlib.Path, seeds: int, vgg16_weights: str = "keras",
@@ -69,7 +77,7 @@ def experiments(root: pathlib.Path, seeds: int, vgg16_weights: str = "keras",
   out += [t(f"vgg16_cached{suffix}", "configs/vgg16_cached.py", *weights),
           t(frozen, "configs/vgg16_frozen.py", *weights),
           t(f"vgg16_finetune{suffix}", "configs/vgg16_finetune.py", *weights,
-            f"--config.init_from={root / frozen}")]
+            f"--config.init_from={root / frozen}", after=(frozen,))]
   for tag, protocol in (("", ()), ("_seed", ("--config.input.protocol=seed",))):
     members = [root / f"strong{tag}_s{k}" for k in range(seeds)]
     out += [t(m.name, "configs/strong.py", *protocol, f"--config.seed={k}")
@@ -77,12 +85,35 @@ def experiments(root: pathlib.Path, seeds: int, vgg16_weights: str = "keras",
     if seeds >= 2:
       out.append(Experiment(f"strong{tag}_ensemble", (
           "fer.ensemble", f"--workdirs={','.join(map(str, members))}",
-          f"--out={root / f'strong{tag}_ensemble'}")))
+          f"--out={root / f'strong{tag}_ensemble'}"), after=tuple(m.name for m in members)))
   return out
 
 
 def command(e: Experiment) -> str:
   return shlex.join(["python", "-m", *e.argv])
+
+
+class _Running:
+  """One experiment's child process; with --parallel above 1 its output goes to a log file."""
+
+  def __init__(self, e: Experiment, root: pathlib.Path, parallel: int):
+    self.e, self.start, self.log = e, time.perf_counter(), None
+    env = dict(os.environ)
+    if parallel > 1:
+      self.log = root / f"{e.name}.log"
+      root.mkdir(parents=True, exist_ok=True)
+      # Several runs on one GPU: each may take its share of the memory, not JAX's default 75%.
+      env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / parallel:.3f}")
+    out = open(self.log, "w") if self.log else None  # pylint: disable=consider-using-with
+    try:
+      self.proc = subprocess.Popen([sys.executable, "-m", *e.argv], cwd=REPO, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT if out else None)
+    finally:
+      if out:
+        out.close()  # the child holds its own handle
+
+  def minutes(self) -> float:
+    return (time.perf_counter() - self.start) / 60
 
 
 def main(argv=None) -> int:
@@ -94,35 +125,63 @@ def main(argv=None) -> int:
   p.add_argument("--results", default=str(study.RESULTS), help="where finished runs are collected")
   p.add_argument("--dry_run", action="store_true", help="print what would run, run nothing")
   p.add_argument("--runlocal", action="store_true", help="every config with :runlocal (smoke test)")
+  p.add_argument("--parallel", type=int, default=1,
+                 help="runs at once (one GPU fits several small runs; each then logs to "
+                      "<root>/<name>.log and gets 0.9/N of the GPU memory)")
   args = p.parse_args(argv)
   root = pathlib.Path(args.root)
+  if args.parallel < 1:
+    p.error(f"--parallel={args.parallel}: expected 1 or more")
   prefixes = [s for s in args.only.split(",") if s]
   todo = [e for e in experiments(root, args.seeds, args.vgg16_weights, args.runlocal)
           if not prefixes or any(e.name.startswith(x) for x in prefixes)]
   if not todo:
     print(f"--only={args.only!r} matches no experiment", file=sys.stderr)
     return 2
-  failed = []
-  for i, e in enumerate(todo, 1):
-    workdir = root / e.name
-    if (workdir / e.done_file).is_file():
-      print(f"[{i}/{len(todo)}] {e.name}: complete ({workdir / e.done_file}), skipped", flush=True)
-    elif args.dry_run:
-      print(f"[{i}/{len(todo)}] {e.name}: would run {command(e)}", flush=True)
-      continue
-    else:
-      print(f"[{i}/{len(todo)}] {e.name}: {command(e)}", flush=True)
-      start = time.perf_counter()
-      proc = subprocess.run([sys.executable, "-m", *e.argv], cwd=REPO, check=False)
-      minutes = (time.perf_counter() - start) / 60
-      if proc.returncode != 0 or not (workdir / e.done_file).is_file():
-        print(f"[{i}/{len(todo)}] {e.name}: FAILED (exit {proc.returncode}) after "
-              f"{minutes:.1f} min; rerun the same command to resume it", flush=True)
-        failed.append(e.name)
-        continue
-      print(f"[{i}/{len(todo)}] {e.name}: done in {minutes:.1f} min", flush=True)
+  number = {e.name: i for i, e in enumerate(todo, 1)}
+  tag = lambda e: f"[{number[e.name]}/{len(todo)}] {e.name}"  # pylint: disable=unnecessary-lambda-assignment
+  selected = set(number)
+  pending, running, done, failed = list(todo), [], set(), []
+
+  def finish(e):
+    done.add(e.name)
     if e.collect and not args.dry_run:
-      study.collect(workdir, e.name, command(e), results_root=pathlib.Path(args.results))
+      study.collect(root / e.name, e.name, command(e), results_root=pathlib.Path(args.results))
+
+  while pending or running:
+    for e in list(pending):  # start, in order, what may start
+      deps = [d for d in e.after if d in selected]
+      if any(d in failed for d in deps):
+        pending.remove(e)
+        failed.append(e.name)
+        print(f"{tag(e)}: not run, it needs {', '.join(d for d in deps if d in failed)}, "
+              "which failed", flush=True)
+      elif (root / e.name / e.done_file).is_file():
+        pending.remove(e)
+        print(f"{tag(e)}: complete ({root / e.name / e.done_file}), skipped", flush=True)
+        finish(e)
+      elif args.dry_run:
+        pending.remove(e)
+        print(f"{tag(e)}: would run {command(e)}", flush=True)
+      elif len(running) < args.parallel and all(d in done for d in deps):
+        pending.remove(e)
+        running.append(_Running(e, root, args.parallel))
+        log = f" (log: {running[-1].log})" if running[-1].log else ""
+        print(f"{tag(e)}: {command(e)}{log}", flush=True)
+    if running and all(r.proc.poll() is None for r in running):
+      time.sleep(0.2)
+    for r in [r for r in running if r.proc.poll() is not None]:
+      running.remove(r)
+      if r.proc.returncode != 0 or not (root / r.e.name / r.e.done_file).is_file():
+        print(f"{tag(r.e)}: FAILED (exit {r.proc.returncode}) after {r.minutes():.1f} min; "
+              "rerun the same command to resume it", flush=True)
+        failed.append(r.e.name)
+      else:
+        print(f"{tag(r.e)}: done in {r.minutes():.1f} min", flush=True)
+        finish(r.e)
+    if pending and not running and not args.dry_run and all(
+        any(d in selected and d not in done for d in e.after) for e in pending):
+      raise AssertionError(f"run_study: {[e.name for e in pending]} wait on each other")
   if failed:
     print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1

@@ -27,6 +27,9 @@ def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
   assert f"--config.init_from={tmp_path / 'vgg16_frozen_scratch'}" in by_name[
       "vgg16_finetune_scratch"].argv
   assert "--config.pretrained.weights=none" in by_name["vgg16_cached_scratch"].argv
+  assert by_name["vgg16_finetune_scratch"].after == ("vgg16_frozen_scratch",)
+  every = {e.name: e for e in run_study.experiments(tmp_path, seeds=2)}
+  assert every["strong_seed_ensemble"].after == ("strong_seed_s0", "strong_seed_s1")
 
 
 def test_runs_collects_and_then_skips_a_complete_run(tmp_path, capsys):
@@ -48,3 +51,35 @@ def test_runs_collects_and_then_skips_a_complete_run(tmp_path, capsys):
 def test_an_unknown_selection_is_an_error(tmp_path, capsys):
   assert run_study.main(["--root", str(tmp_path), "--only=nothing"]) == 2
   assert "matches no experiment" in capsys.readouterr().err
+
+
+_FAKE = """
+import json, pathlib, sys, time
+workdir, outcome = pathlib.Path(sys.argv[1]), sys.argv[2]
+start = time.time()
+time.sleep(1.0)
+if outcome == "fail":
+  sys.exit(3)
+workdir.mkdir(parents=True, exist_ok=True)
+(workdir / "results.json").write_text(json.dumps({"start": start, "end": time.time()}))
+"""
+
+
+def test_parallel_runs_overlap_and_dependents_wait_or_are_skipped(tmp_path, monkeypatch, capsys):
+  (tmp_path / "fake_experiment.py").write_text(_FAKE)
+  monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+  root = tmp_path / "study"
+  fake = lambda name, outcome, after=(): run_study.Experiment(  # pylint: disable=unnecessary-lambda-assignment
+      name, ("fake_experiment", str(root / name), outcome), collect=False, after=after)
+  monkeypatch.setattr(run_study, "experiments", lambda *a, **k: [
+      fake("a", "ok"), fake("b", "ok"), fake("bad", "fail"),
+      fake("a_and_b", "ok", after=("a", "b")), fake("needs_bad", "ok", after=("bad",))])
+  assert run_study.main(["--root", str(root), "--parallel=3"]) == 1
+  times = {n: json.loads((root / n / "results.json").read_text()) for n in ("a", "b", "a_and_b")}
+  assert times["b"]["start"] < times["a"]["end"]  # a and b ran at the same time
+  assert times["a_and_b"]["start"] >= max(times["a"]["end"], times["b"]["end"])
+  assert not (root / "needs_bad").exists()
+  out = capsys.readouterr()
+  assert "needs_bad: not run, it needs bad, which failed" in out.out
+  assert "bad: FAILED (exit 3)" in out.out and "failed: bad, needs_bad" in out.err
+  assert (root / "a.log").is_file()
