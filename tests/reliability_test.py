@@ -296,10 +296,10 @@ def test_command_line_config_errors_fail_before_any_work(tmp_path, flag, message
 
 def test_impossible_values_are_all_named_before_any_work(tmp_path):
   proc = run_main(tmp_path / "w", "--config.train.num_epochs=-1", "--config.input.protocol=halves",
-                  "--config.model.name=resnet",
+                  "--config.model.name=vit",
                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=3"})
   assert proc.returncode != 0
-  for message in ("train.num_epochs=-1", "input.protocol='halves'", "model.name='resnet'",
+  for message in ("train.num_epochs=-1", "input.protocol='halves'", "model.name='vit'",
                   "input.batch_size=32 is not divisible by the 3 devices"):
     assert message in proc.stderr, (message, proc.stderr[-2000:])
   assert not (tmp_path / "w").exists()

@@ -132,8 +132,8 @@ def test_bad_config_fails_before_work(tmp_path, key, value, message):
 
 
 def test_unknown_model_is_named(tmp_path):
-  with pytest.raises(ValueError, match="model.name='resnet'"):
-    train.train_and_evaluate(tiny_config(**{"model.name": "resnet"}), str(tmp_path))
+  with pytest.raises(ValueError, match="model.name='vit'"):
+    train.train_and_evaluate(tiny_config(**{"model.name": "vit"}), str(tmp_path))
 
 
 def test_workdir_in_use_is_refused(tmp_path):
