@@ -14,10 +14,10 @@ strong_ensemble, strong_seed_s<k> and strong_seed_ensemble, for k < --seeds.
 run resumes from its last checkpoint when the command is repeated. Each finished training run is
 collected into --results/<name>/ (`experiments/study.py collect`: results, config, figures, the
 command and this machine), then `python experiments/study.py table` rebuilds the README table.
-`--parallel=N` runs up to N at once, each logging to <root>/<name>.log: one GPU trains several
-of these small networks at once faster than one after the other (the strong runs of the
-results table shared an H100 3-9 at a time). Ensembles wait for their members and fine-tuning
-for its frozen run; a run whose dependency failed is not started.
+`--parallel=N` runs up to N at once, each logging to <root>/<name>.log, for one GPU shared by
+several of these small networks (the GPU rows of the results table were trained 3-9 at a time
+on one H100). Ensembles wait for their members and fine-tuning for its frozen run; a run whose
+dependency failed is not started.
 
 Data: $FER2013_ARCHIVE (and $FER_DATA_DIR) as for fer.main. The VGG16 runs need the pretrained
 weights (fer/pretrained.py says how to get them); `--vgg16_weights=none` trains them from
