@@ -17,7 +17,8 @@ command and this machine), then `python experiments/study.py table` rebuilds the
 `--parallel=N` runs up to N at once, each logging to <root>/<name>.log, for one GPU shared by
 several of these small networks (the GPU rows of the results table were trained 3-9 at a time
 on one H100). Ensembles wait for their members and fine-tuning for its frozen run; a run whose
-dependency failed is not started.
+dependency failed is not started. SIGTERM (a scheduler's, `timeout`'s) or Ctrl-C stops the runs
+in flight with it; the same command resumes them.
 
 Data: $FER2013_ARCHIVE (and $FER_DATA_DIR) as for fer.main. The VGG16 runs need the pretrained
 weights (fer/pretrained.py says how to get them); `--vgg16_weights=none` trains them from
@@ -30,6 +31,7 @@ import dataclasses
 import os
 import pathlib
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -116,6 +118,11 @@ class _Running:
     return (time.perf_counter() - self.start) / 60
 
 
+def _raise_interrupt(signum, frame):
+  del frame
+  raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--root", required=True, help="folder of the study's workdirs")
@@ -148,40 +155,58 @@ def main(argv=None) -> int:
     if e.collect and not args.dry_run:
       study.collect(root / e.name, e.name, command(e), results_root=pathlib.Path(args.results))
 
-  while pending or running:
-    for e in list(pending):  # start, in order, what may start
-      deps = [d for d in e.after if d in selected]
-      if any(d in failed for d in deps):
-        pending.remove(e)
-        failed.append(e.name)
-        print(f"{tag(e)}: not run, it needs {', '.join(d for d in deps if d in failed)}, "
-              "which failed", flush=True)
-      elif (root / e.name / e.done_file).is_file():
-        pending.remove(e)
-        print(f"{tag(e)}: complete ({root / e.name / e.done_file}), skipped", flush=True)
-        finish(e)
-      elif args.dry_run:
-        pending.remove(e)
-        print(f"{tag(e)}: would run {command(e)}", flush=True)
-      elif len(running) < args.parallel and all(d in done for d in deps):
-        pending.remove(e)
-        running.append(_Running(e, root, args.parallel))
-        log = f" (log: {running[-1].log})" if running[-1].log else ""
-        print(f"{tag(e)}: {command(e)}{log}", flush=True)
-    if running and all(r.proc.poll() is None for r in running):
-      time.sleep(0.2)
-    for r in [r for r in running if r.proc.poll() is not None]:
-      running.remove(r)
-      if r.proc.returncode != 0 or not (root / r.e.name / r.e.done_file).is_file():
-        print(f"{tag(r.e)}: FAILED (exit {r.proc.returncode}) after {r.minutes():.1f} min; "
-              "rerun the same command to resume it", flush=True)
-        failed.append(r.e.name)
-      else:
-        print(f"{tag(r.e)}: done in {r.minutes():.1f} min", flush=True)
-        finish(r.e)
-    if pending and not running and not args.dry_run and all(
-        any(d in selected and d not in done for d in e.after) for e in pending):
-      raise AssertionError(f"run_study: {[e.name for e in pending]} wait on each other")
+  # A scheduler's SIGTERM (or Ctrl-C) stops the runs in flight too, not only this process:
+  # they resume from their last checkpoint when the same command is repeated.
+  previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+  try:
+    while pending or running:
+      for e in list(pending):  # start, in order, what may start
+        deps = [d for d in e.after if d in selected]
+        if any(d in failed for d in deps):
+          pending.remove(e)
+          failed.append(e.name)
+          print(f"{tag(e)}: not run, it needs {', '.join(d for d in deps if d in failed)}, "
+                "which failed", flush=True)
+        elif (root / e.name / e.done_file).is_file():
+          pending.remove(e)
+          print(f"{tag(e)}: complete ({root / e.name / e.done_file}), skipped", flush=True)
+          finish(e)
+        elif args.dry_run:
+          pending.remove(e)
+          print(f"{tag(e)}: would run {command(e)}", flush=True)
+        elif len(running) < args.parallel and all(d in done for d in deps):
+          pending.remove(e)
+          running.append(_Running(e, root, args.parallel))
+          log = f" (log: {running[-1].log})" if running[-1].log else ""
+          print(f"{tag(e)}: {command(e)}{log}", flush=True)
+      if running and all(r.proc.poll() is None for r in running):
+        time.sleep(0.2)
+      for r in [r for r in running if r.proc.poll() is not None]:
+        running.remove(r)
+        if r.proc.returncode != 0 or not (root / r.e.name / r.e.done_file).is_file():
+          print(f"{tag(r.e)}: FAILED (exit {r.proc.returncode}) after {r.minutes():.1f} min; "
+                "rerun the same command to resume it", flush=True)
+          failed.append(r.e.name)
+        else:
+          print(f"{tag(r.e)}: done in {r.minutes():.1f} min", flush=True)
+          finish(r.e)
+      if pending and not running and not args.dry_run and all(
+          any(d in selected and d not in done for d in e.after) for e in pending):
+        raise AssertionError(f"run_study: {[e.name for e in pending]} wait on each other")
+  except KeyboardInterrupt as e:
+    print(f"run_study: interrupted ({e or 'Ctrl-C'})", file=sys.stderr, flush=True)
+    return 130
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
+    for r in running:
+      r.proc.terminate()
+    for r in running:
+      try:
+        r.proc.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        r.proc.kill()
+      print(f"{tag(r.e)}: stopped after {r.minutes():.1f} min; rerun the same command to "
+            "resume it", flush=True)
   if failed:
     print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1

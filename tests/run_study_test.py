@@ -1,8 +1,14 @@
 """experiments/run_study.py: the whole study in one command, skipping complete runs."""
 
 import json
+import os
 import pathlib
+import signal
+import subprocess
 import sys
+import time
+
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -55,9 +61,12 @@ def test_an_unknown_selection_is_an_error(tmp_path, capsys):
 
 _FAKE = """
 import json, pathlib, sys, time
+import os
 workdir, outcome = pathlib.Path(sys.argv[1]), sys.argv[2]
+seconds = float(sys.argv[3]) if len(sys.argv) > 3 else 1.0
+(workdir.parent / f"{workdir.name}.pid").write_text(str(os.getpid()))
 start = time.time()
-time.sleep(1.0)
+time.sleep(seconds)
 if outcome == "fail":
   sys.exit(3)
 workdir.mkdir(parents=True, exist_ok=True)
@@ -83,3 +92,37 @@ def test_parallel_runs_overlap_and_dependents_wait_or_are_skipped(tmp_path, monk
   assert "needs_bad: not run, it needs bad, which failed" in out.out
   assert "bad: FAILED (exit 3)" in out.out and "failed: bad, needs_bad" in out.err
   assert (root / "a.log").is_file()
+
+
+_DRIVER = """
+import pathlib, sys
+sys.path.insert(0, {repo!r})
+from experiments import run_study
+root = pathlib.Path(sys.argv[1])
+run_study.experiments = lambda *a, **k: [
+    run_study.Experiment(n, ("fake_experiment", str(root / n), "ok", "60"), collect=False)
+    for n in ("a", "b", "c")]
+sys.exit(run_study.main(["--root", str(root), "--parallel=2"]))
+"""
+
+
+def test_sigterm_stops_the_runs_in_flight(tmp_path, monkeypatch):
+  (tmp_path / "fake_experiment.py").write_text(_FAKE)
+  (tmp_path / "driver.py").write_text(_DRIVER.format(repo=str(REPO)))
+  monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+  root = tmp_path / "study"
+  proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(root)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  started = [root / "a.pid", root / "b.pid"]
+  deadline = time.monotonic() + 60
+  while not all(p.is_file() for p in started) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  pids = [int(p.read_text()) for p in started]
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130, (out, err)
+  assert "a: stopped after" in out and "b: stopped after" in out and "interrupted" in err
+  for pid in pids:  # the fake runs are gone too, and c never started
+    with pytest.raises(ProcessLookupError):
+      os.kill(pid, 0)
+  assert not (root / "c.pid").exists()
