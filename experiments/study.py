@@ -40,6 +40,8 @@ EXPERIMENTS = (
     ("(their future work) fine-tune the top VGG16 block", "vgg16_finetune"),
     ("beyond the study: VGG-style network, ten-crop TTA", "strong"),
 )
+# The protocols of the summary table's columns and the per-class figure's panels.
+PROTOCOLS = ("seed", "standard")
 # val/test probabilities (100 KB each) let `python -m fer.ensemble` rebuild ensembles from here.
 SMALL_FILES = ("results.json", "config.json", "metrics.jsonl", "confusion_matrix.png",
                "learning_curves.png", "val_probs.npy", "test_probs.npy")
@@ -152,39 +154,47 @@ def _seed_rows(dirs):
   return rows
 
 
-def _headline(dirs, config, protocol) -> dict:
-  """{run name: results.json} of the headline runs of `config` in `protocol`: those named
-  <config>[_<protocol>]_s<k> and ..._ensemble (variants such as strong_e30_s0 or
-  cnn_standard_gpu are left to the results table)."""
+def _headline(dirs, config, protocol) -> tuple[dict, dict]:
+  """The headline runs of `config` in `protocol`, as ({seed run: results.json}, {ensemble:
+  results.json}): those named <config>[_<protocol>]_s<k> and ..._ensemble (variants such as
+  strong_e30_s0 or cnn_standard_gpu are left to the results table)."""
   name = re.compile(rf"{re.escape(config)}(_{protocol})?_(s\d+|ensemble)")
-  return {d.name: json.loads((d / "results.json").read_text())
+  runs = {d.name: json.loads((d / "results.json").read_text())
           for d in filter(lambda d: name.fullmatch(d.name), dirs)  # read only the matching runs
           if json.loads((d / "config.json").read_text())["input"]["protocol"] == protocol}
+  ensembles = {n: r for n, r in runs.items() if n.endswith("_ensemble")}
+  return {n: r for n, r in runs.items() if n not in ensembles}, ensembles
 
 
-def _summary_cell(dirs, config, protocol):
-  """What the headline runs of `config` measured in `protocol`: '<mean> ± <std> (<n> seeds),
+def _headlines(dirs) -> dict:
+  """(config, protocol) -> _headline's (seeds, ensembles), for each of EXPERIMENTS: read once
+  for the summary table and the per-class figure."""
+  return {(config, protocol): _headline(dirs, config, protocol)
+          for _, config in EXPERIMENTS for protocol in PROTOCOLS}
+
+
+def _summary_cell(seeds, ensembles):
+  """What the headline runs of a config measured in a protocol: '<mean> ± <std> (<n> seeds),
   ensemble <acc>'."""
-  test = {n: r["test/accuracy"] for n, r in _headline(dirs, config, protocol).items()}
-  seeds = [acc for n, acc in test.items() if not n.endswith("_ensemble")]
+  accs = [r["test/accuracy"] for r in seeds.values()]
   parts = []
-  if len(seeds) > 1:
-    parts.append(f"{np.mean(seeds):.1%} ± {np.std(seeds, ddof=1):.1%} ({len(seeds)} seeds)")
-  elif seeds:
-    parts.append(f"{seeds[0]:.1%} (1 run)")
-  parts += [f"ensemble {acc:.1%}" for n, acc in test.items() if n.endswith("_ensemble")]
+  if len(accs) > 1:
+    parts.append(f"{np.mean(accs):.1%} ± {np.std(accs, ddof=1):.1%} ({len(accs)} seeds)")
+  elif accs:
+    parts.append(f"{accs[0]:.1%} (1 run)")
+  parts += [f"ensemble {r['test/accuracy']:.1%}" for r in ensembles.values()]
   return ", ".join(parts) or "not run"
 
 
-def _summary(dirs):
+def _summary(headlines):
   lines = ["| experiment | config | original study (`seed`) | ours, `seed` | "
            "ours, `standard` (PrivateTest) |", "|---|---|---:|---:|---:|"]
   for what, config in EXPERIMENTS:
     original = ORIGINAL.get(config)
     lines.append(f"| {what} | `configs/{config}.py` | "
                  f"{'-' if original is None else f'{original:.1%}'} | "
-                 f"{_summary_cell(dirs, config, 'seed')} | "
-                 f"{_summary_cell(dirs, config, 'standard')} |")
+                 f"{_summary_cell(*headlines[config, 'seed'])} | "
+                 f"{_summary_cell(*headlines[config, 'standard'])} |")
   return "\n".join(lines) + "\n"
 
 
@@ -195,27 +205,25 @@ def _between(body, start, end, text):
   return body[:body.index(start) + len(start)] + "\n" + text + body[body.index(end):]
 
 
-def _per_class_figure(dirs, results_root):
+def _per_class_figure(headlines, results_root):
   """experiments/results/per_class_accuracy.png: the summary's runs, test accuracy per class:
   a panel per protocol, per config the mean over its seeds and its ensemble."""
   sys.path.insert(0, str(REPO))
   from fer import plots  # pylint: disable=import-outside-toplevel
   panels, classes = {}, None
-  for protocol in ("seed", "standard"):
+  for protocol in PROTOCOLS:
     bars = {}
     for _, config in EXPERIMENTS:
-      runs = _headline(dirs, config, protocol)
-      seeds = [r["test/per_class_accuracy"] for n, r in runs.items()
-               if not n.endswith("_ensemble")]
+      seeds, ensembles = headlines[config, protocol]
       if seeds:
         bars[f"{config}: mean of {len(seeds)} run{'s' * (len(seeds) > 1)}"] = np.mean(
-            np.array(seeds, dtype=np.float64), axis=0).tolist()
-      for n, r in runs.items():
-        if n.endswith("_ensemble"):
-          size = r.get("ensemble_size")
-          bars[f"{config}: ensemble" + (f" of {size}" if size else "")] = r[
-              "test/per_class_accuracy"]
-      classes = next((r["classes"] for r in runs.values()), classes)
+            np.array([r["test/per_class_accuracy"] for r in seeds.values()], dtype=np.float64),
+            axis=0).tolist()
+      for r in ensembles.values():
+        size = r.get("ensemble_size")
+        bars[f"{config}: ensemble" + (f" of {size}" if size else "")] = r[
+            "test/per_class_accuracy"]
+      classes = next((r["classes"] for r in (*seeds.values(), *ensembles.values())), classes)
     if bars:
       panels[f"protocol {protocol}"] = bars
   if panels:
@@ -252,10 +260,12 @@ def table(results_root=RESULTS, readme=REPO / "README.md"):
   lines += _seed_rows(dirs)
   text = "\n".join(lines) + "\n"
   (results_root / "results_table.md").write_text(text)
-  _per_class_figure(dirs, results_root)
+  headlines = _headlines(dirs)
+  _per_class_figure(headlines, results_root)
   _curves_figure(dirs, results_root)
   body = readme.read_text()
-  new = _between(_between(body, START, END, text), SUMMARY_START, SUMMARY_END, _summary(dirs))
+  new = _between(_between(body, START, END, text), SUMMARY_START, SUMMARY_END,
+                 _summary(headlines))
   if new != body:
     readme.write_text(new)
   print(text)
