@@ -88,12 +88,13 @@ def _config_name(name: str) -> str | None:
 
 
 def _original(name: str, protocol: str, model_name: str = "") -> float | None:
-  """The original study's number (protocol seed only) for a run named after one of its configs,
-  else for its model's name."""
+  """The original study's number (protocol seed only) for a run named after one of its configs
+  (none for configs beyond the study, such as strong, whatever model they build), else for its
+  model's name."""
   if protocol != "seed":
     return None
   key = _config_name(name)
-  return ORIGINAL.get(key if key in ORIGINAL else model_name)
+  return ORIGINAL.get(model_name if key is None else key)
 
 
 def _seed_group(name: str) -> str | None:

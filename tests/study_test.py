@@ -36,16 +36,19 @@ def test_table_has_a_row_per_run_and_a_mean_row_per_seed_group(tmp_path):
     study.collect(_fake_run(runs / f"cnn_seed_s{seed}", acc), f"cnn_seed_s{seed}",
                   f"python -m fer.main --config.seed={seed}", "test machine", results)
   study.collect(_fake_run(runs / "strong", 0.7, "standard"), "strong", "cmd", "m", results)
+  # strong builds model 'cnn' too, but the original study has no strong: no 52.7% beside it.
+  study.collect(_fake_run(runs / "strong_seed_s0", 0.65), "strong_seed_s0", "cmd", "m", results)
   readme = tmp_path / "README.md"
   readme.write_text(f"intro\n{study.START}\nold table\n{study.END}\nafter\n")
   study.table(results, readme)
   text = (results / "results_table.md").read_text()
   rows = [l for l in text.splitlines() if l.startswith("| cnn_seed") or l.startswith("| strong")]
-  assert len(rows) == 4
+  assert len(rows) == 5
   mean_row = next(l for l in rows if "mean ± std of 2 seeds" in l)
   assert f"**52.0% ± {np.std([0.5, 0.54], ddof=1):.1%}**" in mean_row
   assert "| 52.7% |" in mean_row  # the original study's cnn, protocol seed
-  assert "| 52.7% |" not in next(l for l in rows if l.startswith("| strong"))  # standard
+  assert "| 52.7% |" not in next(l for l in rows if l.startswith("| strong |"))  # standard
+  assert "| **65.0%** |  |" in next(l for l in rows if l.startswith("| strong_seed_s0 |"))
   body = readme.read_text()
   assert "old table" not in body and body.startswith("intro\n") and body.endswith("after\n")
   assert (results / "per_class_accuracy.png").stat().st_size > 0
