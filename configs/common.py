@@ -61,6 +61,9 @@ def base() -> ml_collections.ConfigDict:
   c.optim.step_decay_factor = 0.1
   c.optim.weight_decay = 0.0  # on kernels only
   c.optim.label_smoothing = 0.0
+  # none | balanced | sqrt: cross-entropy weighted per class by N / (K * n_c) of the train split
+  # (balanced), or its square root (sqrt); see fer.metrics.class_weights.
+  c.optim.class_weights = "none"
   c.optim.grad_clip_norm = 0.0  # 0 = off
   c.optim.freeze = ""  # regex over parameter paths ("a/b/kernel") that get no updates
   c.optim.lr_scales = ()  # ((regex, factor), ...): learning-rate factors, e.g. (("^block", 0.1),)

@@ -6,14 +6,43 @@ import numpy as np
 import optax
 
 
-def cross_entropy(logits, targets, label_smoothing: float = 0.0):
-  """Mean softmax cross-entropy. `targets`: int labels [N] or probabilities [N, K] (mixup)."""
+CLASS_WEIGHTS = ("none", "balanced", "sqrt")
+
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> np.ndarray | None:
+  """Per-class loss weights [K] float32 from the training labels, or None for mode 'none'.
+
+  'balanced': N / (K * n_c), so every class's examples weigh the same in total (scikit-learn's
+  'balanced'); 'sqrt': its square root, a milder push toward rare classes. A class absent from
+  `labels` gets weight 0 (no example of it can be weighted).
+  """
+  if mode not in CLASS_WEIGHTS:
+    raise ValueError(f"optim.class_weights={mode!r}: expected one of {', '.join(CLASS_WEIGHTS)}")
+  if mode == "none":
+    return None
+  counts = np.bincount(np.asarray(labels).reshape(-1), minlength=num_classes)[:num_classes]
+  with np.errstate(divide="ignore"):
+    weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+  return (np.sqrt(weights) if mode == "sqrt" else weights).astype(np.float32)
+
+
+def cross_entropy(logits, targets, label_smoothing: float = 0.0, class_weights=None):
+  """Mean softmax cross-entropy. `targets`: int labels [N] or probabilities [N, K] (mixup).
+
+  With `class_weights` [K], example i weighs w_i = targets_i . class_weights (its class's weight;
+  for mixed targets the mix of the two), before label smoothing, and the loss is
+  sum_i w_i ce_i / sum_i w_i (PyTorch's weighted CrossEntropyLoss).
+  """
   num_classes = logits.shape[-1]
   if targets.ndim == 1:
     targets = jax.nn.one_hot(targets, num_classes)
+  weights = None if class_weights is None else targets @ jnp.asarray(class_weights, jnp.float32)
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+  losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  if weights is None:
+    return losses.mean()
+  return jnp.sum(weights * losses) / jnp.sum(weights)
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:

@@ -279,16 +279,17 @@ def make_group_init(model, tx, sample_shape, sample_dtype):
   return jax.vmap(one)
 
 
-def make_group_step(model, tx, config):
+def make_group_step(model, tx, config, class_weights=None):
   """fer.train's train step vmapped over a stacked state: every member on the same batch;
-  returns per-member (loss [G], correct [G])."""
-  return jax.vmap(train.make_train_step(model, tx, config), in_axes=(0, None, None))
+  returns per-member (loss [G], correct [G]). `class_weights` as in fer.train.make_train_step."""
+  return jax.vmap(train.make_train_step(model, tx, config, class_weights),
+                  in_axes=(0, None, None))
 
 
-def make_group_chunk(model, tx, config, mesh, num_steps: int):
+def make_group_chunk(model, tx, config, mesh, num_steps: int, class_weights=None):
   """fer.train.make_train_chunk for a stacked state; returns {'loss': [G], 'correct': [G]} sums."""
   return train.make_train_chunk(model, tx, config, mesh, num_steps,
-                                train_step=make_group_step(model, tx, config))
+                                train_step=make_group_step(model, tx, config, class_weights))
 
 
 def make_group_predict(model):
@@ -419,8 +420,10 @@ def _train_group_epochs(c0, model, tx, mesh, state, meta, data, ckpts, workdir, 
   data_key = jax.random.PRNGKey(c0.seed + 1)  # the same order as fer.train for the first member
   epoch_perm = jax.jit(lambda epoch: jax.random.permutation(jax.random.fold_in(data_key, epoch),
                                                             num_train), out_shardings=replicated)
-  run_epoch = train.make_epoch_runner(model, tx, c0, mesh, steps_per_epoch,
-                                      train_step=make_group_step(model, tx, c0))
+  class_weights = metrics_lib.class_weights(train_y, train.NUM_CLASSES, c0.optim.class_weights)
+  run_epoch = train.make_epoch_runner(
+      model, tx, c0, mesh, steps_per_epoch,
+      train_step=make_group_step(model, tx, c0, class_weights))
   predict = make_group_predict(model)
   epoch = meta["epoch"]
   while epoch < num_epochs and not all(meta["diverged"]):

@@ -60,6 +60,7 @@ _CHOICES = {
     "input.protocol": ("standard", "seed", "val_fraction"),
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.schedule": ("constant", "cosine", "step"),
+    "optim.class_weights": metrics_lib.CLASS_WEIGHTS,
     "eval.tta": ("none", "flip", "tencrop"),
     "model.dtype": ("float32", "bfloat16"),
 }
@@ -110,11 +111,18 @@ def _variables(params, batch_stats):
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def make_train_step(model, tx, config):
+def make_train_step(model, tx, config, class_weights=None):
   """train_step(state, images, labels) -> (state, (loss, number correct)): one optimizer step
-  on one batch (augmentation and mixing inside, per-step keys from fold_in(rng, step))."""
+  on one batch (augmentation and mixing inside, per-step keys from fold_in(rng, step)).
+  `class_weights` [K]: the loss weights that config.optim.class_weights asks for, from
+  fer.metrics.class_weights(train labels, ...)."""
   aug_cfg = config.augment
   label_smoothing = config.optim.label_smoothing
+  if (config.optim.class_weights != "none") != (class_weights is not None):
+    raise ValueError(f"optim.class_weights={config.optim.class_weights!r} but class_weights="
+                     f"{class_weights!r} were given: compute them with "
+                     "fer.metrics.class_weights(train labels, NUM_CLASSES, "
+                     "config.optim.class_weights)")
 
   def train_step(state, images, labels):
     key = jax.random.fold_in(state.rng, state.step)
@@ -128,7 +136,7 @@ def make_train_step(model, tx, config):
       mutable = ["batch_stats"] if state.batch_stats else False
       out = model.apply(variables, x, train=True, rngs={"dropout": k_drop}, mutable=mutable)
       logits, new_vars = out if mutable else (out, {})
-      loss = metrics_lib.cross_entropy(logits, targets, label_smoothing)
+      loss = metrics_lib.cross_entropy(logits, targets, label_smoothing, class_weights)
       return loss, (logits, new_vars.get("batch_stats", state.batch_stats))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -426,12 +434,18 @@ def _train_and_evaluate(config, workdir, data=None):
         + ("; fer.native CPU kernels" if native.available() else "") + ".",
         flush=True)
 
+  class_weights = metrics_lib.class_weights(train_y, NUM_CLASSES, config.optim.class_weights)
+  if class_weights is not None:
+    print(f"Loss weights per class ({config.optim.class_weights}, from the train split): "
+          + ", ".join(f"{c} {w:.2f}" for c, w in zip(CLASSES, class_weights)) + ".", flush=True)
+
   images = jax.device_put(train_x, replicated)
   labels = jax.device_put(train_y.astype(np.int32), replicated)
   data_key = jax.random.PRNGKey(config.seed + 1)
   epoch_perm = jax.jit(lambda epoch: jax.random.permutation(jax.random.fold_in(data_key, epoch),
                                                             num_train), out_shardings=replicated)
-  run_epoch = make_epoch_runner(model, tx, config, mesh, steps_per_epoch)
+  run_epoch = make_epoch_runner(model, tx, config, mesh, steps_per_epoch,
+                                train_step=make_train_step(model, tx, config, class_weights))
   predict = make_predict(model, "none")
   writer = _Writer(workdir, active=is_primary())
   log_every = max(1, config.train.log_every_steps)

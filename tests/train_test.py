@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -16,7 +17,9 @@ from configs import cnn as cnn_config
 from configs import reference_net as reference_net_config
 from configs import strong as strong_config
 from fer import checkpointing
+from fer import metrics
 from fer import train
+from fer.datasets import synthetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -124,6 +127,7 @@ def test_changed_optimizer_over_existing_run_is_explained(tmp_path):
     ("input.protocol", "halves", "input.protocol"),
     ("optim.name", "lamb", "optim.name"),
     ("model.dropout", 1.5, "model.dropout"),
+    ("optim.class_weights", "inverse", "optim.class_weights"),
 ])
 def test_bad_config_fails_before_work(tmp_path, key, value, message):
   with pytest.raises(ValueError, match=message):
@@ -140,6 +144,55 @@ def test_workdir_in_use_is_refused(tmp_path):
   with checkpointing.WorkdirLock(tmp_path):
     with pytest.raises(checkpointing.WorkdirInUseError, match="in use by another run"):
       train.train_and_evaluate(tiny_config(), str(tmp_path))
+
+
+def test_class_weights_give_every_class_the_same_total_weight():
+  labels = np.array([0] * 6 + [1] * 2 + [3] * 4)  # class 2 absent
+  w = metrics.class_weights(labels, 4, "balanced")
+  np.testing.assert_allclose(w, [12 / 24, 12 / 8, 0.0, 12 / 16])
+  totals = np.bincount(labels, minlength=4) * w
+  np.testing.assert_allclose(totals[[0, 1, 3]], 3.0)
+  np.testing.assert_allclose(metrics.class_weights(labels, 4, "sqrt"), np.sqrt(w))
+  assert metrics.class_weights(labels, 4, "none") is None
+  with pytest.raises(ValueError, match="optim.class_weights='inverse'"):
+    metrics.class_weights(labels, 4, "inverse")
+
+
+def test_weighted_cross_entropy_cancels_the_prior_pull_of_a_skewed_batch():
+  """At equal logits the gradient on a shared bias is 1/K - (weighted class frequency): towards
+  the batch's frequent classes unweighted, zero with balanced weights; mixed targets weigh as
+  the mix of their classes' weights."""
+  labels = np.array([0, 0, 0, 0, 0, 0, 1, 2])
+  bias_grad = lambda w: jax.grad(lambda b: metrics.cross_entropy(
+      jnp.zeros((8, 3)) + b, labels, class_weights=w))(jnp.zeros(3))
+  np.testing.assert_allclose(bias_grad(None), [1 / 3 - 6 / 8, 1 / 3 - 1 / 8, 1 / 3 - 1 / 8],
+                             atol=1e-6)
+  np.testing.assert_allclose(bias_grad(metrics.class_weights(labels, 3, "balanced")), 0.0,
+                             atol=1e-6)
+  logits = jax.random.normal(jax.random.key(0), (2, 3))
+  mixed = jnp.array([[0.25, 0.75, 0.0], [0.0, 0.0, 1.0]])
+  w = np.array([1.0, 3.0, 2.0], np.float32)
+  ce = -jnp.sum(mixed * jax.nn.log_softmax(logits), -1)
+  np.testing.assert_allclose(metrics.cross_entropy(logits, mixed, class_weights=w),
+                             (2.5 * ce[0] + 2.0 * ce[1]) / 4.5, rtol=1e-6)
+
+
+def test_balanced_class_weights_move_predictions_toward_a_rare_class(tmp_path):
+  """One class at 1/8 of the others' images: balanced weights raise the probability the trained
+  network gives it on balanced val data (ideally 1/7) several times over plain cross-entropy."""
+  x, y = synthetic.make_faces(1400, 1)
+  keep = (y != 1) | (np.arange(len(y)) % 8 == 0)
+  vx, vy = synthetic.make_faces(350, 10)
+  data = {"train": {"image": x[keep], "label": y[keep]}, "val": {"image": vx, "label": vy},
+          "test": {"image": vx, "label": vy}}
+  rare = {}
+  for mode in ("none", "balanced"):
+    train.train_and_evaluate(tiny_config(**{"optim.class_weights": mode, "train.num_epochs": 3}),
+                             str(tmp_path / mode), data)
+    rare[mode] = np.load(tmp_path / mode / "val_probs.npy")[:, 1].mean()
+  assert rare["balanced"] > 3 * rare["none"], rare
+  with pytest.raises(ValueError, match="class_weights"):  # the weights must come with the mode
+    train.make_train_step(None, None, tiny_config(**{"optim.class_weights": "sqrt"}))
 
 
 @pytest.mark.parametrize("get_config,expected", [
