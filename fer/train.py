@@ -119,10 +119,10 @@ def make_train_step(model, tx, config, class_weights=None):
   aug_cfg = config.augment
   label_smoothing = config.optim.label_smoothing
   if (config.optim.class_weights != "none") != (class_weights is not None):
-    raise ValueError(f"optim.class_weights={config.optim.class_weights!r} but class_weights="
-                     f"{class_weights!r} were given: compute them with "
+    raise ValueError(f"optim.class_weights={config.optim.class_weights!r} and class_weights "
+                     f"{'missing' if class_weights is None else 'given'}: pass "
                      "fer.metrics.class_weights(train labels, NUM_CLASSES, "
-                     "config.optim.class_weights)")
+                     "config.optim.class_weights), None for 'none'")
 
   def train_step(state, images, labels):
     key = jax.random.fold_in(state.rng, state.step)
