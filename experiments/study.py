@@ -233,7 +233,7 @@ def _per_class_figure(headlines, results_root):
 
 def _curves_figure(dirs, results_root):
   """experiments/results/val_curves.png: val accuracy per epoch of every run that kept its
-  metrics.jsonl, one panel per config."""
+  metrics.jsonl, one panel per config, a colour per seed group (cnn_seed_s0..s2 alike)."""
   sys.path.insert(0, str(REPO))
   from fer import plots  # pylint: disable=import-outside-toplevel
   panels = {}
@@ -244,7 +244,8 @@ def _curves_figure(dirs, results_root):
       panels.setdefault(config, {})[d.name] = [r["val/accuracy"] for r in rows]
   if panels:
     plots.val_curves(panels, results_root / "val_curves.png",
-                     ylabel="val accuracy after each epoch (no TTA)")
+                     ylabel="val accuracy after each epoch (no TTA)",
+                     family=lambda name: _seed_group(name) or name)
 
 
 def table(results_root=RESULTS, readme=REPO / "README.md"):

@@ -97,15 +97,31 @@ def learning_curves(history, path):
   return _save(fig, path)
 
 
+def line_styles(runs: Sequence[str], family=lambda run: run) -> dict:
+  """{run: (colour, legend label or None)}: the runs of one family (`family(run)`, e.g. the seeds
+  of one config) share a colour and one legend entry, '<family> (<n> runs)'."""
+  members = {}
+  for run in runs:
+    members.setdefault(family(run), []).append(run)
+  styles = {}
+  for i, (name, group) in enumerate(members.items()):
+    for j, run in enumerate(group):
+      label = f"{name} ({len(group)} run{'s' if len(group) > 1 else ''})" if j == 0 else None
+      styles[run] = (f"C{i % 10}", label)
+  return styles
+
+
 def val_curves(panels: Mapping[str, Mapping[str, Sequence[float]]], path,
-               ylabel="val accuracy"):
+               ylabel="val accuracy", family=lambda run: run):
   """One panel per group of runs (e.g. per config), one line per run: val accuracy after each
-  epoch (epochs numbered from 1)."""
+  epoch (epochs numbered from 1); runs of one `family` share a colour (line_styles)."""
   fig = Figure(figsize=(5 * len(panels), 4))
   axes = fig.subplots(1, len(panels), squeeze=False)[0]
   for ax, (panel, runs) in zip(axes, panels.items()):
+    styles = line_styles(list(runs), family)
     for run, accuracy in runs.items():
-      ax.plot(range(1, len(accuracy) + 1), accuracy, label=run, linewidth=1)
+      colour, label = styles[run]
+      ax.plot(range(1, len(accuracy) + 1), accuracy, color=colour, label=label, linewidth=1)
     ax.set_title(panel)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)

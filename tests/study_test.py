@@ -74,9 +74,12 @@ def test_collect_refuses_an_unfinished_run(tmp_path):
 def test_summary_table_gives_each_experiment_its_seed_groups_and_ensembles(tmp_path,
                                                                            monkeypatch):
   from fer import plots  # pylint: disable=import-outside-toplevel
-  drawn = {}
+  drawn, curves = {}, {}
   monkeypatch.setattr(plots, "per_class_accuracy",
                       lambda panels, classes, path: drawn.update(panels))
+  monkeypatch.setattr(plots, "val_curves",
+                      lambda panels, path, ylabel, family: curves.update(
+                          styles=plots.line_styles(panels["cnn"], family)))
   runs, results = tmp_path / "runs", tmp_path / "results"
   for name, acc, protocol in [("cnn_seed_s0", 0.50, "seed"), ("cnn_seed_s1", 0.54, "seed"),
                               ("cnn_seed_ensemble", 0.57, "seed"),
@@ -97,6 +100,11 @@ def test_summary_table_gives_each_experiment_its_seed_groups_and_ensembles(tmp_p
   assert rows["`configs/strong.py`"] == ["-", "not run", "71.0% (1 run) |"]
   assert rows["`configs/vgg16_cached.py`"] == ["43.9%", "not run", "not run |"]
   # The per-class figure draws the same runs: a panel per protocol, seed means and ensembles.
+  # The val curves: a colour and a legend entry per seed group.
+  assert curves["styles"] == {"cnn_seed_ensemble": ("C0", "cnn_seed_ensemble (1 run)"),
+                              "cnn_seed_s0": ("C1", "cnn_seed (2 runs)"),
+                              "cnn_seed_s1": ("C1", None),
+                              "cnn_standard_gpu": ("C2", "cnn_standard_gpu (1 run)")}
   assert drawn == {"protocol seed": {"cnn: mean of 2 runs": pytest.approx([0.52] * 7),
                                      "cnn: ensemble": [0.57] * 7},
                    "protocol standard": {"strong: mean of 1 run": [0.71] * 7}}
