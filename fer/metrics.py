@@ -21,8 +21,7 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> np.ndarray
   if mode == "none":
     return None
   counts = np.bincount(np.asarray(labels).reshape(-1), minlength=num_classes)[:num_classes]
-  with np.errstate(divide="ignore"):
-    weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+  weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
   return (np.sqrt(weights) if mode == "sqrt" else weights).astype(np.float32)
 
 

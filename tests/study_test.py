@@ -99,12 +99,12 @@ def test_summary_table_gives_each_experiment_its_seed_groups_and_ensembles(tmp_p
       "not run |"]
   assert rows["`configs/strong.py`"] == ["-", "not run", "71.0% (1 run) |"]
   assert rows["`configs/vgg16_cached.py`"] == ["43.9%", "not run", "not run |"]
-  # The per-class figure draws the same runs: a panel per protocol, seed means and ensembles.
   # The val curves: a colour and a legend entry per seed group.
   assert curves["styles"] == {"cnn_seed_ensemble": ("C0", "cnn_seed_ensemble (1 run)"),
                               "cnn_seed_s0": ("C1", "cnn_seed (2 runs)"),
                               "cnn_seed_s1": ("C1", None),
                               "cnn_standard_gpu": ("C2", "cnn_standard_gpu (1 run)")}
+  # The per-class figure draws the same runs: a panel per protocol, seed means and ensembles.
   assert drawn == {"protocol seed": {"cnn: mean of 2 runs": pytest.approx([0.52] * 7),
                                      "cnn: ensemble": [0.57] * 7},
                    "protocol standard": {"strong: mean of 1 run": [0.71] * 7}}
