@@ -64,7 +64,9 @@ import json, pathlib, sys, time
 import os
 workdir, outcome = pathlib.Path(sys.argv[1]), sys.argv[2]
 seconds = float(sys.argv[3]) if len(sys.argv) > 3 else 1.0
-(workdir.parent / f"{workdir.name}.pid").write_text(str(os.getpid()))
+pid = workdir.parent / f"{workdir.name}.pid"  # atomically: a reader never sees it empty
+pid.with_suffix(".tmp").write_text(str(os.getpid()))
+os.replace(pid.with_suffix(".tmp"), pid)
 start = time.time()
 time.sleep(seconds)
 if outcome == "fail":
