@@ -1,4 +1,8 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and one XLA compilation cache per test session."""
+
+import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -9,3 +13,23 @@ import fer2013_fakes
 def fer2013_zip(tmp_path):
   """A tiny Kaggle-layout archive.zip: 7 classes x 3 split prefixes x 2 JPEGs (42 images)."""
   return fer2013_fakes.write_zip(tmp_path / "archive.zip", fer2013_fakes.kaggle_members())
+
+
+_CACHE = "JAX_COMPILATION_CACHE_DIR"
+
+
+def pytest_configure(config):
+  """Tests (and the fer.main processes they start) compile many of the same programs: a
+  persistent compilation cache in a fresh temp dir, set before jax is imported and inherited by
+  subprocesses, lets them compile each once (the suite took 454 s with it, 503 s without, on the
+  2-core CPU). Nothing carries over between sessions; a cache dir set by the caller is kept."""
+  del config
+  if _CACHE not in os.environ:
+    os.environ[_CACHE] = tempfile.mkdtemp(prefix="fer-test-jax-cache-")
+    os.environ["FER_TEST_OWNS_JAX_CACHE"] = "1"
+
+
+def pytest_unconfigure(config):
+  del config
+  if os.environ.pop("FER_TEST_OWNS_JAX_CACHE", None):
+    shutil.rmtree(os.environ.pop(_CACHE), ignore_errors=True)
