@@ -190,3 +190,30 @@ def per_class_accuracy(panels: Mapping[str, Mapping[str, Sequence[float]]], clas
     ax.legend(frameon=False, fontsize=7, ncol=2, loc="upper left")
     ax.spines[["top", "right"]].set_visible(False)
   return _save(fig, path)
+
+
+def grad_cam_grid(rows, path, title="Grad-CAM") -> pathlib.Path:
+  """A row per class (fer.explain.explain_split's rows): the mean face with the mean heat map
+  of the faces the network gets right, then example faces with the heat map of the predicted
+  class, its name and probability (green when right, red when wrong)."""
+  cols = 1 + max((len(r["faces"]) for r in rows), default=0)
+  fig = Figure(figsize=(1.35 * cols, 1.5 * len(rows)))
+  axes = fig.subplots(len(rows), cols, squeeze=False)
+  for ax in axes.flat:
+    ax.set_axis_off()
+  for r, row in enumerate(rows):
+    ax = axes[r, 0]
+    if row["mean_face"] is not None:
+      ax.imshow(row["mean_face"], cmap="gray", vmin=0, vmax=255)
+    if row["mean_heat"] is not None:
+      ax.imshow(row["mean_heat"], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    ax.set_title(f"{row['name']}: mean", fontsize=8)
+    for c, face in enumerate(row["faces"], start=1):
+      ax = axes[r, c]
+      ax.imshow(face["image"], cmap="gray", vmin=0, vmax=255)
+      ax.imshow(face["heat"], cmap="jet", alpha=0.4, vmin=0, vmax=1)
+      ax.set_title(f"{face['pred']} {face['prob']:.0%}", fontsize=7,
+                   color="tab:green" if face["right"] else "tab:red")
+  fig.suptitle(title, fontsize=10)
+  fig.subplots_adjust(top=1 - 0.5 / fig.get_figheight())  # the title close above the rows
+  return _save(fig, path)
