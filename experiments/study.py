@@ -60,6 +60,13 @@ def machine() -> str:
   return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
+def _write_text(path, text):
+  """Atomically (fer.fileio): a kill mid-write leaves the old README, table or run.json whole."""
+  sys.path.insert(0, str(REPO))
+  from fer import fileio  # pylint: disable=import-outside-toplevel
+  fileio.write_text_atomic(path, text)
+
+
 def collect(run_dir, name, command, machine_desc=None, results_root=RESULTS):
   run_dir = pathlib.Path(run_dir)
   if not (run_dir / "results.json").is_file():
@@ -72,7 +79,7 @@ def collect(run_dir, name, command, machine_desc=None, results_root=RESULTS):
   results = json.loads((run_dir / "results.json").read_text())
   info = {"command": command, "machine": machine_desc or machine(),
           "devices": f"{results['device_count']} x {results['device_kind']}"}
-  (out / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+  _write_text(out / "run.json", json.dumps(info, indent=2) + "\n")  # last: marks it collected
   print(f"collected {run_dir} -> {out}")
 
 
@@ -261,7 +268,7 @@ def table(results_root=RESULTS, readme=REPO / "README.md"):
   lines += [_row(d.name, d) for d in dirs]
   lines += _seed_rows(dirs)
   text = "\n".join(lines) + "\n"
-  (results_root / "results_table.md").write_text(text)
+  _write_text(results_root / "results_table.md", text)
   headlines = _headlines(dirs)
   _per_class_figure(headlines, results_root)
   _curves_figure(dirs, results_root)
@@ -269,7 +276,7 @@ def table(results_root=RESULTS, readme=REPO / "README.md"):
   new = _between(_between(body, START, END, text), SUMMARY_START, SUMMARY_END,
                  _summary(headlines))
   if new != body:
-    readme.write_text(new)
+    _write_text(readme, new)
   print(text)
 
 

@@ -180,7 +180,7 @@ def run(config, workdir) -> dict:
                             title=f"class distribution ({report['protocol']} protocol)")
   fileio.write_json_atomic(workdir / "data_report.json", report)
   fileio.write_json_atomic(workdir / "duplicates.json", duplicates["groups"])
-  (workdir / "data_report.md").write_text(_markdown({**report, "duplicates": duplicates}))
+  fileio.write_text_atomic(workdir / "data_report.md", _markdown({**report, "duplicates": duplicates}))
   print(f"data report: {totals} images, {duplicates['summary']['duplicate_groups']} duplicate "
         f"groups, {duplicates['summary']['label_conflict_groups']} with conflicting labels; "
         f"written to {workdir} in {time.perf_counter() - start:.1f}s", flush=True)

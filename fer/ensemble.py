@@ -110,7 +110,7 @@ def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
   split_metrics = {}
   for s in SPLITS:
     mean = np.mean(probs[s], axis=0).astype(np.float32)
-    np.save(out / f"{s}_probs.npy", mean)
+    fileio.save_npy_atomic(out / f"{s}_probs.npy", mean)
     split_metrics.update(metrics_lib.classification_metrics(mean, data[s]["label"], s))
     # How often two members predict the same class (mean over pairs): near 1, little to gain.
     votes = [p.argmax(1) for p in probs[s]]

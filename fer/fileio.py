@@ -1,19 +1,26 @@
 """Atomic file writes: a reader (or a run killed mid-write) sees the old file or the new one,
-never half of one. The text goes to a temporary file beside the target, is flushed to disk, and
-replaces the target with one rename."""
+never half of one. The bytes go to a temporary file beside the target, are flushed to disk, and
+replace the target with one rename."""
 
+import io
 import json
 import os
 import pathlib
 
+import numpy as np
+
 
 def write_text_atomic(path, text: str) -> pathlib.Path:
+  return write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path, data: bytes) -> pathlib.Path:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
   try:
-    with open(tmp, "w") as f:
-      f.write(text)
+    with open(tmp, "wb") as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -29,3 +36,10 @@ def write_json_atomic(path, obj, jsonl: bool = False, indent: int | None = 2) ->
   else:
     text = json.dumps(obj, indent=indent) + "\n"
   return write_text_atomic(path, text)
+
+
+def save_npy_atomic(path, array) -> pathlib.Path:
+  """`array` as a .npy file (np.save's format)."""
+  buffer = io.BytesIO()
+  np.save(buffer, np.asarray(array), allow_pickle=False)
+  return write_bytes_atomic(path, buffer.getvalue())

@@ -4,6 +4,7 @@ Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas: no display,
 global state, safe in tests and on headless machines.
 """
 
+import io
 import pathlib
 from typing import Mapping, Sequence
 
@@ -12,13 +13,17 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 import numpy as np
 
+from fer import fileio
+
 
 def _save(fig: Figure, path) -> pathlib.Path:
+  """The figure as an image file (format from the suffix), written atomically."""
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   FigureCanvasAgg(fig)
-  fig.savefig(path, dpi=100, bbox_inches="tight")
-  return path
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format=path.suffix.lstrip(".").lower() or "png", dpi=100,
+              bbox_inches="tight")
+  return fileio.write_bytes_atomic(path, buffer.getvalue())
 
 
 def class_distribution(counts: Mapping[str, int], path, title: str) -> pathlib.Path:

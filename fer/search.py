@@ -771,7 +771,7 @@ def write_outputs(config, trials, records, rungs, workdir, seconds) -> dict:
           "name", "epochs", "status", "val/accuracy", "val/loss", "num_params", "flops")},
   }
   fileio.write_json_atomic(workdir / "summary.json", _json_safe(summary))
-  (workdir / "report.md").write_text(report_markdown(summary, rows, s.top_k, config))
+  fileio.write_text_atomic(workdir / "report.md", report_markdown(summary, rows, s.top_k, config))
   if ok:
     plots.search_scatter(ok, workdir / "search.png",
                          title=f"{s.strategy} search '{s.space}': {len(trials)} trials, val "
@@ -854,7 +854,7 @@ def write_best_config(path, trial, row, config, workdir):
   diff = {k: v for k, v in flat.items() if k not in skip and base_flat.get(k, object()) != v}
   overrides = "".join(f"    {k!r}: {v!r},\n" for k, v in sorted(diff.items()))
   flops = "" if row["flops"] is None else f", {row['flops'] / 1e6:.1f} MFLOPs per image"
-  pathlib.Path(path).write_text(_BEST_CONFIG.format(
+  fileio.write_text_atomic(path, _BEST_CONFIG.format(
       workdir=workdir, name=row["name"], acc=row["val/accuracy"], epochs=row["epochs"],
       params=row["num_params"], flops=flops, base=config.search.base,
       num_epochs=base_cfg.train.num_epochs, path=path, overrides=overrides))

@@ -585,7 +585,7 @@ def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, mode
     if is_primary():
       print(f"  {split}/accuracy {split_metrics[split][f'{split}/accuracy']:.4f} "
             f"({time.perf_counter() - start:.0f} s)", flush=True)
-      np.save(workdir / f"{split}_probs.npy", probs.astype(np.float32))
+      fileio.save_npy_atomic(workdir / f"{split}_probs.npy", probs.astype(np.float32))
   devices = jax.devices()
   results = {
       "val/accuracy": split_metrics["val"]["val/accuracy"],
