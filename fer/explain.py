@@ -2,6 +2,14 @@ r"""Where a trained network looks: Grad-CAM heat maps (Selvaraju et al. 2017) of
 
   python -m fer.explain --workdir=runs/strong_s0 --out=runs/strong_s0/grad_cam.png
   python -m fer.explain --workdir=runs/cnn --split=test --per_class=6 --out=cam.png
+  python -m fer.explain --workdir=runs/strong_s0 --out=mine.png photo.jpg photos/
+
+With image files or folders after the flags, it explains the faces in them instead of a split:
+each photo is searched for faces and each face is cropped as `fer.predict` does it
+(`--no_detect`: each image is a cropped face); the figure shows each face with the heat map of
+the class the run predicts, and a line per face is printed (file, face box, that class, its
+probability, the heat's share in the upper half of the face). Files that are no image or hold no
+face are listed; the exit status is 1 when no face was found at all.
 
 The figure has a row per class: the mean face and the mean heat map over the split's faces of
 that class that the run gets right, then the first `--per_class` faces of that class in the
@@ -27,6 +35,7 @@ xla_flags.configure_cpu_defaults()  # before jax starts its backend; a no-op off
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
+import pathlib
 import sys
 from typing import Any
 
@@ -58,6 +67,9 @@ def define_flags():
   flags.DEFINE_integer("per_class", 4, "Example faces per class in the figure.")
   flags.DEFINE_string("out", None, "Where to write the figure (.png).")
   flags.DEFINE_integer("batch_size", 256, "Faces per forward/backward pass.")
+  flags.DEFINE_bool("no_detect", False, "Photos: take each image as an already cropped face.")
+  flags.DEFINE_float("margin", 0.1, "Photos: margin around each detected face, as a fraction "
+                     "of the face box's side (as fer.predict).")
   flags.DEFINE_enum("method", "gradcam", list(METHODS),
                     "gradcam: channel weights = the gradient's mean over the map; layercam: "
                     "the positive gradient at each place (sharper where the head is dense).")
@@ -160,14 +172,13 @@ def explain_split(model, variables, images, labels, per_class: int = 4, batch_si
   heats, probs = grad_cam(model, variables, images, batch_size=batch_size, method=method)
   preds = probs.argmax(-1)
   rows, summary = [], []
-  half = images.shape[1] // 2
   for k, name in enumerate(class_names):
     idx = np.flatnonzero(labels == k)
     right = idx[preds[idx] == k]
     mean_heat = heats[right].mean(0) if len(right) else None
     if mean_heat is not None:  # on the faces' own [0, 1] scale, for the figure
       mean_heat = mean_heat / max(float(mean_heat.max()), 1e-12)
-    upper = (float(heats[right][:, :half].sum() / max(heats[right].sum(), 1e-12))
+    upper = (float(heats[right][:, :images.shape[1] // 2].sum() / max(heats[right].sum(), 1e-12))
              if len(right) else float("nan"))
     summary.append(ClassSummary(name, len(idx), len(right), upper))
     rows.append({
@@ -189,22 +200,63 @@ def format_summary(summary: list[ClassSummary]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def upper_share(heat: np.ndarray) -> np.ndarray:
+  """The share of each heat map [N, h, w] in the upper half of the face."""
+  half = heat.shape[1] // 2
+  return heat[:, :half].sum((1, 2)) / np.maximum(heat.sum((1, 2)), 1e-12)
+
+
+def explain_photos(run, paths, out, method="gradcam", detector=None, margin=0.1,
+                   batch_size=256) -> int:
+  """The photo mode (module doc; `detector`: fer.faces.FaceDetector, None for cropped faces):
+  prints a line per face, writes the figure; returns the exit status."""
+  from fer import plots  # pylint: disable=import-outside-toplevel
+  from fer import predict  # pylint: disable=import-outside-toplevel
+  files, problems = predict.find_images(paths)
+  images, where, more = predict.extract_faces(files, detector, margin,
+                                              predict.Progress(len(files)))
+  for p in problems + more:
+    print(f"{p.file}: {p.problem}", file=sys.stderr)
+  if not len(images):
+    print("error: no face found in the images given", file=sys.stderr)
+    return 1
+  heats, probs = grad_cam(run.model, run.variables, images, batch_size=batch_size, method=method)
+  preds, shares = probs.argmax(-1), upper_share(heats)
+  lines = [f"{'file':<40} {'box (x, y, w, h)':<20} {'emotion':<9} {'prob':>5}  upper half"]
+  items, seen = [], {}
+  for (file, box), image, heat, k, p, share in zip(where, images, heats, preds, probs, shares):
+    seen[file] = seen.get(file, 0) + 1
+    box_text = ", ".join(str(int(v)) for v in box)
+    lines.append(f"{file:<40} {box_text:<20} {CLASSES[k]:<9} {p[k]:>5.0%}  {share:.0%}")
+    items.append({"image": image[..., 0], "heat": heat, "pred": CLASSES[k],
+                  "prob": float(p[k]), "label": f"{pathlib.Path(file).name} #{seen[file]}"})
+  sys.stdout.write("\n".join(lines) + "\n")
+  path = plots.grad_cam_faces(items, out, title=f"{_TITLES[method]}, {len(items)} faces")
+  print(f"Wrote {path}", file=sys.stderr)
+  return 0
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.out:
     raise app.UsageError("--out: where to write the figure, e.g. --out=grad_cam.png")
   if FLAGS.per_class < 0:
     raise app.UsageError(f"--per_class={FLAGS.per_class}: expected 0 or more")
   logging.set_verbosity(logging.ERROR)  # orbax's notes on read-only managers are noise here
+  from fer import faces as faces_lib  # pylint: disable=import-outside-toplevel
   from fer import input_pipeline  # pylint: disable=import-outside-toplevel
   from fer import plots  # pylint: disable=import-outside-toplevel
   try:
     run = runs.load(FLAGS.workdir, FLAGS.checkpoint)
-    data = input_pipeline.load_splits(run.config.input)[FLAGS.split]
-  except (runs.RunError, OSError, ValueError) as e:
+    if len(argv) > 1:
+      detector = None if FLAGS.no_detect else faces_lib.FaceDetector()
+    else:
+      data = input_pipeline.load_splits(run.config.input)[FLAGS.split]
+  except (runs.RunError, OSError, ValueError, RuntimeError) as e:  # RuntimeError: no cascade
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if len(argv) > 1:
+    return explain_photos(run, argv[1:], FLAGS.out, FLAGS.method, detector, FLAGS.margin,
+                          FLAGS.batch_size)
   layer = feature_layer(run.model, run.variables, data["image"])
   print(f"Model: {run.checkpoint.path} (epoch {run.checkpoint.epoch}); {_TITLES[FLAGS.method]} of "
         f"{'/'.join(layer)} on {len(data['image'])} {FLAGS.split} faces ...",

@@ -222,3 +222,22 @@ def grad_cam_grid(rows, path, title="Grad-CAM") -> pathlib.Path:
   fig.suptitle(title, fontsize=10)
   fig.subplots_adjust(top=1 - 0.5 / fig.get_figheight())  # the title close above the rows
   return _save(fig, path)
+
+
+def grad_cam_faces(items, path, title="Grad-CAM", columns=6) -> pathlib.Path:
+  """Faces (fer.explain.explain_photos' items) in a grid, each with its heat map, the predicted
+  class and probability above it and its label (the file) below."""
+  rows = max(1, -(-len(items) // columns))
+  cols = min(columns, max(1, len(items)))
+  fig = Figure(figsize=(1.45 * cols, 1.7 * rows))
+  axes = fig.subplots(rows, cols, squeeze=False)
+  for ax in axes.flat:
+    ax.set_axis_off()
+  for ax, item in zip(axes.flat, items):
+    ax.imshow(item["image"], cmap="gray", vmin=0, vmax=255)
+    ax.imshow(item["heat"], cmap="jet", alpha=0.4, vmin=0, vmax=1)
+    ax.set_title(f"{item['pred']} {item['prob']:.0%}", fontsize=7)
+    ax.text(0.5, -0.04, item["label"][:22], transform=ax.transAxes, ha="center", va="top",
+            fontsize=6)
+  fig.suptitle(title, fontsize=10)
+  return _save(fig, path)

@@ -1,16 +1,20 @@
 """fer.explain: Grad-CAM points at the evidence of the class asked for, on each model, in
-batches, and the command writes its figure and per-class summary."""
+batches, and the command writes its figures: per class on a split, per face on photos."""
+
+import pathlib
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from PIL import Image
 import pytest
 
 from configs import cnn as cnn_config
 from configs import strong_resnet
 from fer import explain
+from fer.datasets import synthetic
 from fer.datasets.fer2013 import CLASSES
 from fer.models import build_model
 import trained_run
@@ -224,3 +228,24 @@ def test_cli(tmp_path, tmp_path_factory):
   assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
   no_out = trained_run.run_module("fer.explain", f"--workdir={workdir}")
   assert no_out.returncode != 0 and "--out" in no_out.stderr
+
+
+def test_cli_on_photos(tmp_path, tmp_path_factory):
+  workdir = trained_run.tiny_run(tmp_path_factory)
+  faces, _ = synthetic.make_faces(3, seed=5)
+  for i in range(3):
+    Image.fromarray(faces[i, ..., 0]).save(tmp_path / f"face{i}.png")
+  (tmp_path / "notes.txt").write_text("x")
+  out = tmp_path / "cam.png"
+  proc = trained_run.run_module("fer.explain", f"--workdir={workdir}", "--no_detect",
+                                "--method=layercam", f"--out={out}", tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = proc.stdout.splitlines()[1:]
+  assert [pathlib.Path(r.split()[0]).name for r in rows] == [f"face{i}.png" for i in range(3)]
+  assert all(r.split()[-3] in CLASSES and r.endswith("%") for r in rows), rows
+  assert "notes.txt: not a JPEG or PNG image" in proc.stderr
+  assert out.stat().st_size > 5_000
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  none = trained_run.run_module("fer.explain", f"--workdir={workdir}", f"--out={out}", empty)
+  assert none.returncode == 1 and "no face found" in none.stderr
