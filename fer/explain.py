@@ -4,19 +4,19 @@ r"""Where a trained network looks: Grad-CAM heat maps (Selvaraju et al. 2017) of
   python -m fer.explain --workdir=runs/cnn --split=test --per_class=6 --out=cam.png
   python -m fer.explain --workdir=runs/strong_s0 --out=mine.png photo.jpg photos/
 
-With image files or folders after the flags, it explains the faces in them instead of a split:
-each photo is searched for faces and each face is cropped as `fer.predict` does it
-(`--no_detect`: each image is a cropped face); the figure shows each face with the heat map of
-the class the run predicts, and a line per face is printed (file, face box, that class, its
-probability, the heat's share in the upper half of the face). Files that are no image or hold no
-face are listed; the exit status is 1 when no face was found at all.
-
 The figure has a row per class: the mean face and the mean heat map over the split's faces of
 that class that the run gets right, then the first `--per_class` faces of that class in the
 split (right or wrong), each with the heat map of the class the run predicts, that class and
 its probability (green when right, red when wrong). It prints per class how many faces the run
 gets right and how the heat of those faces divides between the upper half of the face (brows,
 eyes) and the lower half (mouth).
+
+With image files or folders after the flags, it explains the faces in them instead of a split:
+each photo is searched for faces and each face is cropped as `fer.predict` does it
+(`--no_detect`: each image is a cropped face); the figure shows each face with the heat map of
+the class the run predicts, and a line per face is printed (file, face box, that class, its
+probability, the heat's share in the upper half of the face). Files that are no image or hold no
+face are listed; the exit status is 1 when no face was found at all.
 
 The heat map of a face for class c: the last feature map a module of the network returns
 (A [h, w, k]: the last conv layer after its batch norm in the CNN and VGG16, the last residual
@@ -167,7 +167,8 @@ class ClassSummary:
 
 
 def explain_split(model, variables, images, labels, per_class: int = 4, batch_size: int = 256,
-                  class_names=CLASSES, method: str = "gradcam") -> tuple[list[dict[str, Any]], list[ClassSummary]]:
+                  class_names=CLASSES, method: str = "gradcam"
+                  ) -> tuple[list[dict[str, Any]], list[ClassSummary]]:
   """The figure's rows (see fer.plots.grad_cam_grid) and the per-class summary."""
   heats, probs = grad_cam(model, variables, images, batch_size=batch_size, method=method)
   preds = probs.argmax(-1)
@@ -178,8 +179,8 @@ def explain_split(model, variables, images, labels, per_class: int = 4, batch_si
     mean_heat = heats[right].mean(0) if len(right) else None
     if mean_heat is not None:  # on the faces' own [0, 1] scale, for the figure
       mean_heat = mean_heat / max(float(mean_heat.max()), 1e-12)
-    upper = (float(heats[right][:, :images.shape[1] // 2].sum() / max(heats[right].sum(), 1e-12))
-             if len(right) else float("nan"))
+    upper = (float(upper_share(heats[right].sum(0, keepdims=True))[0]) if len(right)
+             else float("nan"))
     summary.append(ClassSummary(name, len(idx), len(right), upper))
     rows.append({
         "name": name,
