@@ -79,6 +79,9 @@ def base() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.max_to_keep = 2
+  # Save last/ (and a new best/) every N epochs and at the end; a kill loses at most N-1
+  # epochs, which the rerun trains again bit for bit. >1 pays where an epoch takes seconds (GPU).
+  c.checkpoint.every_epochs = 1
 
   c.init_from = ""  # a workdir or checkpoint to start from when the workdir has none
   c.pretrained = ml_collections.ConfigDict()  # VGG16 conv base; see fer/pretrained.py

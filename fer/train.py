@@ -9,6 +9,7 @@ checkpoints), so the workdir must be one shared directory.
 """
 
 import contextlib
+import copy
 import json
 import math
 import pathlib
@@ -83,10 +84,14 @@ def validate_config(config):
               "input.batch_size": config.input.batch_size,
               "input.eval_batch_size": config.input.eval_batch_size,
               "train.steps_per_dispatch": config.train.steps_per_dispatch,
+              "checkpoint.every_epochs": config.checkpoint.every_epochs,
               "optim.learning_rate": config.optim.learning_rate}
   for key, value in positive.items():
     if not isinstance(value, (int, float)) or value <= 0:
       problems.append(f"{key}={value!r}: expected a positive number")
+  if not isinstance(config.checkpoint.every_epochs, int):
+    problems.append(f"checkpoint.every_epochs={config.checkpoint.every_epochs!r}: expected a "
+                    "whole number of epochs")
   if not 0 < config.input.val_fraction < 1:
     problems.append(f"input.val_fraction={config.input.val_fraction!r}: expected 0 < f < 1")
   ndev = jax.device_count()
@@ -453,6 +458,7 @@ def _train_and_evaluate(config, workdir, data=None):
   try:
     epoch = meta["epoch"]
     epoch_walls = []
+    every, pending_best = config.checkpoint.every_epochs, None
     while epoch < num_epochs and not meta["stopped_early"]:
       t0 = time.perf_counter()
       perm = epoch_perm(epoch)
@@ -503,9 +509,14 @@ def _train_and_evaluate(config, workdir, data=None):
       patience = config.train.early_stopping_epochs
       if patience and meta["epochs_without_improvement"] >= patience:
         meta["stopped_early"] = True
-      if improved:
-        ckpts.save_best(epoch, state, meta, val["val/accuracy"])
-      ckpts.save_last(epoch, state, meta)
+      if improved:  # saved with the next last/ (the next epoch donates this state: a copy)
+        pending_best = (epoch, jax.tree.map(lambda x: x.copy(), state) if every > 1 else state,
+                        copy.deepcopy(meta), val["val/accuracy"])
+      if epoch % every == 0 or epoch == num_epochs or meta["stopped_early"]:
+        if pending_best:
+          ckpts.save_best(*pending_best)
+          pending_best = None
+        ckpts.save_last(epoch, state, meta)
       writer.write(meta["history"], row)
       # The ETA uses the median of this process's last 5 epochs, so one slow epoch (a paused
       # process, a busy machine) does not swing it.

@@ -148,6 +148,42 @@ def test_run_killed_at_several_points_resumes_to_the_same_result(tmp_path, refer
   assert_same_run(workdir, reference)
 
 
+def test_saving_every_two_epochs_ends_like_saving_every_epoch_even_when_killed(tmp_path,
+                                                                              reference):
+  # TINY: 14 steps of 2 per chunk, so 7 chunks an epoch; epoch 3 runs chunks 15-21.
+  every = "--config.checkpoint.every_epochs=2"
+  whole = tmp_path / "whole"
+  _ok(run_main(whole, every))
+  killed = tmp_path / "killed"
+  for fault, expected in (("kill_after_chunk:10", []),  # in epoch 2: nothing saved yet
+                          ("kill_after_chunk:17", [2])):  # in epoch 3, after last/2
+    proc = run_main(killed, every, fault=fault)
+    assert proc.returncode == -signal.SIGKILL, (fault, proc.stderr[-3000:])
+    assert steps(killed) == expected, fault
+  _ok(run_main(killed, every))
+  best = steps(reference, "best")[-1]
+  for workdir in (whole, killed):
+    assert steps(workdir) == [2, 3]  # every second epoch and the last one
+    assert steps(workdir, "best")[-1] == best  # saved late, but the same epoch's state
+    jax.tree.map(np.testing.assert_array_equal, state_tree(workdir, "best"),
+                 state_tree(reference, "best"))
+    jax.tree.map(np.testing.assert_array_equal, state_tree(workdir), state_tree(reference))
+    assert history(workdir) == history(reference)
+    assert results(workdir) == results(reference)
+
+
+def test_a_best_epoch_waiting_for_the_next_save_is_kept_intact(tmp_path):
+  # A learning rate of ~0 without batch norm: val accuracy never beats epoch 1's, so best/1 is
+  # saved at epoch 3, after two more epochs have donated the state it was taken from.
+  flags = ("--config.optim.learning_rate=1e-30", "--config.model.batch_norm=False")
+  every, each = tmp_path / "every3", tmp_path / "each"
+  _ok(run_main(every, *flags, "--config.checkpoint.every_epochs=3"))
+  _ok(run_main(each, *flags))
+  assert steps(every, "best") == steps(each, "best") == [1] and steps(every) == [3]
+  jax.tree.map(np.testing.assert_array_equal, state_tree(every, "best"), state_tree(each, "best"))
+  assert results(every) == results(each)
+
+
 # ----------------------------------------------------------------------------- damaged checkpoints
 
 
@@ -296,10 +332,11 @@ def test_command_line_config_errors_fail_before_any_work(tmp_path, flag, message
 
 def test_impossible_values_are_all_named_before_any_work(tmp_path):
   proc = run_main(tmp_path / "w", "--config.train.num_epochs=-1", "--config.input.protocol=halves",
-                  "--config.model.name=vit",
+                  "--config.model.name=vit", "--config.checkpoint.every_epochs=0",
                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=3"})
   assert proc.returncode != 0
   for message in ("train.num_epochs=-1", "input.protocol='halves'", "model.name='vit'",
+                  "checkpoint.every_epochs=0",
                   "input.batch_size=32 is not divisible by the 3 devices"):
     assert message in proc.stderr, (message, proc.stderr[-2000:])
   assert not (tmp_path / "w").exists()
