@@ -115,15 +115,14 @@ def make_grad_cam(model, layer: tuple[str, ...], method: str = "gradcam"):
 
   @jax.jit
   def cam(variables, images, classes):
-    logits, acts = forward(variables, images, jnp.zeros(()))
-    shape = acts.shape
-    classes = jnp.where(classes < 0, jnp.argmax(logits, -1), classes)
 
-    def score(delta):
-      out, _ = forward(variables, images, delta)
-      return jnp.take_along_axis(out, classes[:, None], axis=1).sum()
+    def score(delta):  # one forward pass: the chosen logits' sum, and what the maps need
+      logits, acts = forward(variables, images, delta)
+      chosen = jnp.where(classes < 0, jnp.argmax(logits, -1), classes)
+      return jnp.take_along_axis(logits, chosen[:, None], axis=1).sum(), (logits, acts)
 
-    grads = jax.grad(score)(jnp.zeros(shape))
+    shape = jax.eval_shape(lambda: forward(variables, images, jnp.zeros(()))[1]).shape
+    grads, (logits, acts) = jax.grad(score, has_aux=True)(jnp.zeros(shape))
     if method == "gradcam":
       weights = grads.mean(axis=(1, 2), keepdims=True)  # per face and channel
     else:  # layercam: per face, channel and place
@@ -167,10 +166,11 @@ class ClassSummary:
 
 
 def explain_split(model, variables, images, labels, per_class: int = 4, batch_size: int = 256,
-                  class_names=CLASSES, method: str = "gradcam"
+                  class_names=CLASSES, method: str = "gradcam", layer=None
                   ) -> tuple[list[dict[str, Any]], list[ClassSummary]]:
   """The figure's rows (see fer.plots.grad_cam_grid) and the per-class summary."""
-  heats, probs = grad_cam(model, variables, images, batch_size=batch_size, method=method)
+  heats, probs = grad_cam(model, variables, images, batch_size=batch_size, layer=layer,
+                          method=method)
   preds = probs.argmax(-1)
   rows, summary = [], []
   for k, name in enumerate(class_names):
@@ -263,7 +263,8 @@ def main(argv):
         f"{'/'.join(layer)} on {len(data['image'])} {FLAGS.split} faces ...",
         file=sys.stderr, flush=True)
   rows, summary = explain_split(run.model, run.variables, data["image"], data["label"],
-                                FLAGS.per_class, FLAGS.batch_size, method=FLAGS.method)
+                                FLAGS.per_class, FLAGS.batch_size, method=FLAGS.method,
+                                layer=layer)
   sys.stdout.write(format_summary(summary))
   path = plots.grad_cam_grid(
       rows, FLAGS.out, title=f"{_TITLES[FLAGS.method]} of {'/'.join(layer)}, {FLAGS.split} faces")

@@ -197,6 +197,15 @@ def per_class_accuracy(panels: Mapping[str, Mapping[str, Sequence[float]]], clas
   return _save(fig, path)
 
 
+def _face_with_heat(ax, face, heat, title, fontsize=7, color=None, alpha=0.4):
+  """A grey face with its heat map over it (either may be None) and a title."""
+  if face is not None:
+    ax.imshow(face, cmap="gray", vmin=0, vmax=255)
+  if heat is not None:
+    ax.imshow(heat, cmap="jet", alpha=alpha, vmin=0, vmax=1)
+  ax.set_title(title, fontsize=fontsize, **({"color": color} if color else {}))
+
+
 def grad_cam_grid(rows, path, title="Grad-CAM") -> pathlib.Path:
   """A row per class (fer.explain.explain_split's rows): the mean face with the mean heat map
   of the faces the network gets right, then example faces with the heat map of the predicted
@@ -207,18 +216,12 @@ def grad_cam_grid(rows, path, title="Grad-CAM") -> pathlib.Path:
   for ax in axes.flat:
     ax.set_axis_off()
   for r, row in enumerate(rows):
-    ax = axes[r, 0]
-    if row["mean_face"] is not None:
-      ax.imshow(row["mean_face"], cmap="gray", vmin=0, vmax=255)
-    if row["mean_heat"] is not None:
-      ax.imshow(row["mean_heat"], cmap="jet", alpha=0.45, vmin=0, vmax=1)
-    ax.set_title(f"{row['name']}: mean", fontsize=8)
+    _face_with_heat(axes[r, 0], row["mean_face"], row["mean_heat"], f"{row['name']}: mean",
+                    fontsize=8, alpha=0.45)
     for c, face in enumerate(row["faces"], start=1):
-      ax = axes[r, c]
-      ax.imshow(face["image"], cmap="gray", vmin=0, vmax=255)
-      ax.imshow(face["heat"], cmap="jet", alpha=0.4, vmin=0, vmax=1)
-      ax.set_title(f"{face['pred']} {face['prob']:.0%}", fontsize=7,
-                   color="tab:green" if face["right"] else "tab:red")
+      _face_with_heat(axes[r, c], face["image"], face["heat"],
+                      f"{face['pred']} {face['prob']:.0%}",
+                      color="tab:green" if face["right"] else "tab:red")
   fig.suptitle(title, fontsize=10)
   fig.subplots_adjust(top=1 - 0.5 / fig.get_figheight())  # the title close above the rows
   return _save(fig, path)
@@ -234,9 +237,7 @@ def grad_cam_faces(items, path, title="Grad-CAM", columns=6) -> pathlib.Path:
   for ax in axes.flat:
     ax.set_axis_off()
   for ax, item in zip(axes.flat, items):
-    ax.imshow(item["image"], cmap="gray", vmin=0, vmax=255)
-    ax.imshow(item["heat"], cmap="jet", alpha=0.4, vmin=0, vmax=1)
-    ax.set_title(f"{item['pred']} {item['prob']:.0%}", fontsize=7)
+    _face_with_heat(ax, item["image"], item["heat"], f"{item['pred']} {item['prob']:.0%}")
     ax.text(0.5, -0.04, item["label"][:22], transform=ax.transAxes, ha="center", va="top",
             fontsize=6)
   fig.suptitle(title, fontsize=10)

@@ -84,14 +84,13 @@ def validate_config(config):
               "input.batch_size": config.input.batch_size,
               "input.eval_batch_size": config.input.eval_batch_size,
               "train.steps_per_dispatch": config.train.steps_per_dispatch,
-              "checkpoint.every_epochs": config.checkpoint.every_epochs,
               "optim.learning_rate": config.optim.learning_rate}
   for key, value in positive.items():
     if not isinstance(value, (int, float)) or value <= 0:
       problems.append(f"{key}={value!r}: expected a positive number")
-  if not isinstance(config.checkpoint.every_epochs, int):
-    problems.append(f"checkpoint.every_epochs={config.checkpoint.every_epochs!r}: expected a "
-                    "whole number of epochs")
+  every = config.checkpoint.every_epochs
+  if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+    problems.append(f"checkpoint.every_epochs={every!r}: expected a whole number of epochs >= 1")
   if not 0 < config.input.val_fraction < 1:
     problems.append(f"input.val_fraction={config.input.val_fraction!r}: expected 0 < f < 1")
   ndev = jax.device_count()
@@ -509,10 +508,12 @@ def _train_and_evaluate(config, workdir, data=None):
       patience = config.train.early_stopping_epochs
       if patience and meta["epochs_without_improvement"] >= patience:
         meta["stopped_early"] = True
-      if improved:  # saved with the next last/ (the next epoch donates this state: a copy)
-        pending_best = (epoch, jax.tree.map(lambda x: x.copy(), state) if every > 1 else state,
-                        copy.deepcopy(meta), val["val/accuracy"])
-      if epoch % every == 0 or epoch == num_epochs or meta["stopped_early"]:
+      save_now = epoch % every == 0 or epoch == num_epochs or meta["stopped_early"]
+      if improved:  # else saved with the next last/: a copy, as the next epoch donates `state`
+        pending_best = ((epoch, state, meta, val["val/accuracy"]) if save_now else
+                        (epoch, jax.tree.map(lambda x: x.copy(), state), copy.deepcopy(meta),
+                         val["val/accuracy"]))
+      if save_now:
         if pending_best:
           ckpts.save_best(*pending_best)
           pending_best = None

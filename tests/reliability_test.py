@@ -32,7 +32,7 @@ TINY = ["--config=configs/cnn.py:runlocal", "--config.model.conv_features=(8,16)
         "--config.train.num_epochs=3", "--config.train.steps_per_dispatch=2",
         "--config.checkpoint.max_to_keep=3"]
 VOLATILE = ("train/images_per_second", "epoch_seconds", "train_seconds", "git_commit")
-_ENV = {}  # the compilation cache, set by the module fixture
+_ENV = {}  # the compilation cache's settings, set by the module fixture
 
 
 def config(**overrides):
@@ -93,9 +93,9 @@ def assert_same_run(workdir, reference):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  _ENV.update({"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+def compilation_cache():
+  # The session's cache (tests/conftest.py, inherited through os.environ), for every program.
+  _ENV.update({"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
   yield
   _ENV.clear()
