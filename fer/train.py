@@ -227,11 +227,16 @@ def _tta_views(images, tta: str):
 
 
 def make_predict(model, tta: str):
-  """jitted predict(variables, images uint8) -> softmax probabilities, averaged over TTA views."""
+  """jitted predict(variables, images uint8) -> softmax probabilities, averaged over TTA views.
+
+  The views go through the network one after the other (lax.map, not vmap): ten-crop TTA then
+  needs the activation memory of one batch, not of ten (a vmapped ten-crop evaluation of
+  configs/strong.py at eval batch 500 took over 16 GB on the CPU).
+  """
 
   def predict(variables, images):
     views = _tta_views(images.astype(jnp.float32), tta)
-    logits = jax.vmap(lambda v: model.apply(variables, v, train=False))(views)
+    logits = jax.lax.map(lambda v: model.apply(variables, v, train=False), views)
     return jax.nn.softmax(logits.astype(jnp.float32), -1).mean(0)
 
   return jax.jit(predict)
