@@ -6,14 +6,18 @@ r"""Ensembles: average the class probabilities of several finished runs.
 Each member contributes the probabilities of its best checkpoint (chosen on val by its own run)
 on val and test, as the run saved them at its end (`val_probs.npy`, `test_probs.npy`, made with
 the run's `eval.tta`). With `--tta=none|flip|tencrop`, or for a member without saved
-probabilities, the best checkpoint is restored and evaluated here instead. The members must be
+probabilities, the best checkpoint is restored and evaluated here instead; with `--tta`, one
+run is accepted too (its best checkpoint re-evaluated with that TTA, an analysis: the run's own
+test figure stays the one it reported). The members must be
 trained on the same splits (same data protocol); the ensemble is scored against that protocol's
 labels. Which runs to ensemble is a choice to make on val accuracy; test is only reported.
 
 Writes into --out: results.json (val/test accuracy, macro-F1, per-class accuracy and confusion
 matrix, as a training run does, plus each member's own accuracies and how often two members
-predict the same class, `<split>/member_agreement`), config.json (the first
-member's config and the member list), val_probs.npy, test_probs.npy and confusion_matrix.png.
+predict the same class, `<split>/member_agreement`, and calibration: `<split>/ece`, the
+`temperature` fit on val and test's ECE and NLL after it), config.json (the first member's
+config and the member list), val_probs.npy, test_probs.npy, confusion_matrix.png and
+reliability.png.
 """
 
 from fer import xla_flags
@@ -80,8 +84,9 @@ def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
   from fer import input_pipeline  # pylint: disable=import-outside-toplevel
   from fer import plots  # pylint: disable=import-outside-toplevel
   workdirs = [pathlib.Path(w) for w in workdirs]
-  if len(workdirs) < 2:
-    raise EnsembleError(f"an ensemble needs at least two runs, got {len(workdirs)}")
+  if len(workdirs) < (1 if tta else 2):
+    raise EnsembleError(f"an ensemble needs at least two runs (or one with --tta, which "
+                        f"re-evaluates its best checkpoint), got {len(workdirs)}")
   if tta not in ("", "none", "flip", "tencrop"):
     raise EnsembleError(f"--tta={tta!r}: expected none, flip or tencrop (or empty: the runs' own)")
   configs = [_read_json(runs.find_config_file(w)) for w in workdirs]
@@ -107,15 +112,16 @@ def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
 
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  split_metrics = {}
+  split_metrics, means = {}, {}
   for s in SPLITS:
-    mean = np.mean(probs[s], axis=0).astype(np.float32)
+    mean = means[s] = np.mean(probs[s], axis=0).astype(np.float32)
     fileio.save_npy_atomic(out / f"{s}_probs.npy", mean)
     split_metrics.update(metrics_lib.classification_metrics(mean, data[s]["label"], s))
     # How often two members predict the same class (mean over pairs): near 1, little to gain.
     votes = [p.argmax(1) for p in probs[s]]
-    split_metrics[f"{s}/member_agreement"] = float(np.mean(
-        [(a == b).mean() for i, a in enumerate(votes) for b in votes[i + 1:]]))
+    if len(votes) > 1:
+      split_metrics[f"{s}/member_agreement"] = float(np.mean(
+          [(a == b).mean() for i, a in enumerate(votes) for b in votes[i + 1:]]))
   results = {
       "val/accuracy": split_metrics["val/accuracy"],
       "test/accuracy": split_metrics["test/accuracy"],
@@ -134,18 +140,27 @@ def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
       "platform": " / ".join(sorted({r.get("platform", "?") for r in member_results})),
       "git_commit": train.git_commit(),
       **split_metrics,
+      **metrics_lib.calibration(means["val"], data["val"]["label"], means["test"],
+                                data["test"]["label"]),
   }
   config = dict(configs[0], ensemble_members=[str(w) for w in workdirs])
   fileio.write_json_atomic(out / "config.json", config)
   fileio.write_json_atomic(out / "results.json", results)
+  plots.reliability_diagram(
+      {"test": metrics_lib.reliability_curves(means["test"], data["test"]["label"],
+                                              results["temperature"])},
+      out / "reliability.png", title=f"ensemble of {len(workdirs)}: test reliability")
   plots.confusion_matrix(np.array(results["test/confusion_matrix"]), CLASSES,
                          out / "confusion_matrix.png",
                          title=f"ensemble of {len(workdirs)}: test accuracy "
                                f"{results['test/accuracy']:.3f}")
+  agreement = (f"; the members agree on {results['val/member_agreement']:.1%} of val images "
+               f"(mean over pairs)" if len(workdirs) > 1 else "")
   print(f"Ensemble of {len(workdirs)}: val/accuracy {results['val/accuracy']:.4f}, test/accuracy "
-        f"{results['test/accuracy']:.4f}, test/macro_f1 {results['test/macro_f1']:.4f}; the "
-        f"members agree on {results['val/member_agreement']:.1%} of val images (mean over "
-        f"pairs). Results in {out}/results.json", flush=True)
+        f"{results['test/accuracy']:.4f}, test/macro_f1 {results['test/macro_f1']:.4f}, test/ece "
+        f"{results['test/ece']:.3f} (after temperature {results['temperature']:.2f} fit on val: "
+        f"{results['test/ece_calibrated']:.3f}){agreement}. Results in {out}/results.json",
+        flush=True)
   return results
 
 

@@ -1,4 +1,5 @@
-"""Loss and classification metrics: accuracy, per-class accuracy, confusion matrix, macro-F1."""
+"""Loss and classification metrics: accuracy, per-class accuracy, confusion matrix, macro-F1, and
+calibration (expected calibration error, reliability bins, temperature scaling fit on val)."""
 
 import jax
 import jax.numpy as jnp
@@ -66,11 +67,103 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, prefix: str) -
     precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
     f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
   present = support > 0
-  nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)).mean()
   return {
-      f"{prefix}/loss": float(nll),
+      f"{prefix}/loss": _nll(probs, labels),
       f"{prefix}/accuracy": float((preds == labels).mean()),
       f"{prefix}/per_class_accuracy": [None if np.isnan(r) else float(r) for r in recall],
       f"{prefix}/macro_f1": float(f1[present].mean()),
       f"{prefix}/confusion_matrix": cm.tolist(),
+      f"{prefix}/ece": expected_calibration_error(probs, labels),
   }
+
+
+ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017 (On Calibration of Modern NNs)
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, num_bins: int = ECE_BINS):
+  """Per equal-width bin of top-class confidence over [0, 1]: (mean confidence, accuracy, count),
+  three arrays [num_bins]; an empty bin has confidence and accuracy NaN."""
+  probs = np.asarray(probs, np.float64)
+  confidence = probs.max(1)
+  correct = probs.argmax(1) == np.asarray(labels)
+  # Bin b holds confidences in (b/B, (b+1)/B]; a confidence of exactly 0 goes to bin 0.
+  bins = np.clip(np.ceil(confidence * num_bins).astype(np.int64) - 1, 0, num_bins - 1)
+  count = np.bincount(bins, minlength=num_bins)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    mean_conf = np.bincount(bins, confidence, num_bins) / count
+    accuracy = np.bincount(bins, correct.astype(np.float64), num_bins) / count
+  return mean_conf, accuracy, count
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray,
+                               num_bins: int = ECE_BINS) -> float:
+  """ECE: sum over confidence bins of |accuracy - mean confidence| weighted by the bin's share of
+  the images (top-class confidence). 0 for a calibrated model; 0.1 means its confidence is off
+  by 10 points on average."""
+  mean_conf, accuracy, count = reliability_bins(probs, labels, num_bins)
+  used = count > 0
+  return float(np.sum(count[used] * np.abs(accuracy[used] - mean_conf[used])) / count.sum())
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+  """softmax(log(probs) / T): temperature scaling of probabilities (for one network without TTA,
+  exactly scaling its logits; for TTA or ensemble averages, of the averages' log). Keeps every
+  prediction (argmax) as it is; T > 1 softens overconfident probabilities."""
+  logits = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)) / temperature
+  logits -= logits.max(1, keepdims=True)
+  scaled = np.exp(logits)
+  return scaled / scaled.sum(1, keepdims=True)
+
+
+def _nll(probs, labels) -> float:
+  return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)).mean())
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
+  """The temperature T in [0.05, 20] minimising the negative log-likelihood of
+  apply_temperature(probs, T) on (probs, labels): fit it on val, apply it to test.
+
+  The NLL is convex in 1/T, so a golden-section search over 1/T finds the minimum.
+  """
+  probs = np.asarray(probs, np.float64)
+  labels = np.asarray(labels)
+  if len(labels) == 0:
+    raise ValueError("fit_temperature: no images to fit a temperature on")
+  loss = lambda beta: _nll(apply_temperature(probs, 1.0 / beta), labels)
+  lo, hi = 1.0 / 20, 1.0 / 0.05
+  ratio = (np.sqrt(5.0) - 1) / 2
+  a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+  fa, fb = loss(a), loss(b)
+  while hi - lo > 1e-4:
+    if fa < fb:
+      hi, b, fb = b, a, fa
+      a = hi - ratio * (hi - lo)
+      fa = loss(a)
+    else:
+      lo, a, fa = a, b, fb
+      b = lo + ratio * (hi - lo)
+      fb = loss(b)
+  return float(2.0 / (lo + hi))
+
+
+def calibration(val_probs, val_labels, test_probs, test_labels) -> dict:
+  """Temperature scaling fit on val, scored on test: `temperature`, and test's loss (NLL) and ECE
+  after it, `test/loss_calibrated` and `test/ece_calibrated` (accuracy is unchanged)."""
+  temperature = fit_temperature(val_probs, val_labels)
+  scaled = apply_temperature(test_probs, temperature)
+  return {
+      "temperature": temperature,
+      "test/loss_calibrated": _nll(scaled, np.asarray(test_labels)),
+      "test/ece_calibrated": expected_calibration_error(scaled, test_labels),
+  }
+
+
+def reliability_curves(probs, labels, temperature: float) -> dict:
+  """{label: reliability_bins} of `probs` as they are and after `temperature` (fit on val), the
+  labels naming each one's ECE: a panel of plots.reliability_diagram."""
+  scaled = apply_temperature(probs, temperature)
+  return {
+      f"as trained (ECE {expected_calibration_error(probs, labels):.3f})":
+          reliability_bins(probs, labels),
+      f"T={temperature:.2f} fit on val (ECE {expected_calibration_error(scaled, labels):.3f})":
+          reliability_bins(scaled, labels)}

@@ -197,6 +197,39 @@ def per_class_accuracy(panels: Mapping[str, Mapping[str, Sequence[float]]], clas
   return _save(fig, path)
 
 
+def reliability_diagram(panels: Mapping[str, Mapping[str, tuple]], path,
+                        title="calibration (top-class confidence)", min_count=10):
+  """Reliability diagrams, one panel per model: {panel: {label: (mean confidence, accuracy,
+  count) per bin}} (metrics.reliability_bins), one line per label (e.g. before and after
+  temperature scaling) against the diagonal of a calibrated model, and the share of images per
+  bin below it. Bins with fewer than `min_count` images get no point (their accuracy is noise).
+  """
+  fig = Figure(figsize=(4.2 * len(panels), 5.2))
+  axes = fig.subplots(2, len(panels), squeeze=False, sharex=True,
+                      gridspec_kw={"height_ratios": (3, 1)})
+  for column, (panel, curves) in enumerate(panels.items()):
+    ax, ax_count = axes[0, column], axes[1, column]
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1, label="calibrated")
+    for i, (label, (confidence, accuracy, count)) in enumerate(curves.items()):
+      used = np.asarray(count) >= min_count
+      ax.plot(np.asarray(confidence)[used], np.asarray(accuracy)[used], "o-", color=f"C{i}",
+              markersize=3, linewidth=1, label=label)
+      edges = np.linspace(0, 1, len(count) + 1)
+      ax_count.stairs(np.asarray(count) / max(np.sum(count), 1), edges, color=f"C{i}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(panel, fontsize=9)
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=7, loc="upper left")
+    ax_count.set_xlabel("confidence")
+    ax_count.set_ylabel("share of images")
+    for a in (ax, ax_count):
+      a.spines[["top", "right"]].set_visible(False)
+  fig.suptitle(title)
+  return _save(fig, path)
+
+
 def _face_with_heat(ax, face, heat, title, fontsize=7, color=None, alpha=0.4):
   """A grey face with its heat map over it (either may be None) and a title."""
   if face is not None:

@@ -589,7 +589,7 @@ def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, mode
   best_epoch, best_state, _ = best
   variables = _variables(best_state.params, best_state.batch_stats)
   predict = make_predict(model, config.eval.tta)
-  split_metrics = {}
+  split_metrics, split_probs = {}, {}
   for split in ("val", "test"):
     # Ten-crop TTA over PrivateTest takes minutes on a CPU: say what runs and how long it took.
     if is_primary():
@@ -599,6 +599,7 @@ def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, mode
     probs = predict_probs(predict, variables, data[split]["image"],
                           config.input.eval_batch_size, mesh)
     split_metrics[split] = metrics_lib.classification_metrics(probs, data[split]["label"], split)
+    split_probs[split] = probs
     if is_primary():
       print(f"  {split}/accuracy {split_metrics[split][f'{split}/accuracy']:.4f} "
             f"({time.perf_counter() - start:.0f} s)", flush=True)
@@ -622,8 +623,14 @@ def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, mode
       "native_kernels": native.available(),  # fer.native's C++ kernels (CPU only)
       "git_commit": git_commit(),
       **split_metrics["val"], **split_metrics["test"],
+      **metrics_lib.calibration(split_probs["val"], data["val"]["label"], split_probs["test"],
+                                data["test"]["label"]),
   }
   if is_primary():
+    plots.reliability_diagram(
+        {"test": metrics_lib.reliability_curves(split_probs["test"], data["test"]["label"],
+                                                results["temperature"])},
+        workdir / "reliability.png", title="calibration: test reliability")
     plots.confusion_matrix(np.array(results["test/confusion_matrix"]), CLASSES,
                            workdir / "confusion_matrix.png",
                            title=f"test accuracy {results['test/accuracy']:.3f}")

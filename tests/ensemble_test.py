@@ -8,6 +8,7 @@ import pytest
 
 from fer import ensemble
 from fer import input_pipeline
+from fer import metrics
 
 import trained_run
 
@@ -54,6 +55,10 @@ def test_ensemble_averages_the_members_probabilities(run_dir, data, tmp_path):
   on_disk = json.loads((tmp_path / "ens" / "results.json").read_text())
   assert on_disk["ensemble_size"] == 2 and on_disk["test/accuracy"] == results["test/accuracy"]
   assert (tmp_path / "ens" / "confusion_matrix.png").stat().st_size > 0
+  assert (tmp_path / "ens" / "reliability.png").stat().st_size > 0
+  val_mean = (np.load(a / "val_probs.npy") + np.load(b / "val_probs.npy")) / 2
+  assert on_disk["temperature"] == pytest.approx(
+      metrics.fit_temperature(val_mean, data["val"]["label"]), rel=1e-5)
   config = json.loads((tmp_path / "ens" / "config.json").read_text())
   assert config["ensemble_members"] == [str(a), str(b)]
   assert on_disk["device_kind"] == "cpu"
@@ -76,6 +81,13 @@ def test_recomputed_probabilities_match_the_saved_ones(run_dir, data, tmp_path):
   ensemble.ensemble([a, b], tmp_path / "ens", tta="none", data=data)
   np.testing.assert_allclose(np.load(tmp_path / "ens" / "test_probs.npy"),
                              np.load(run_dir / "test_probs.npy"), atol=1e-5)
+  # One run with --tta: its best checkpoint re-evaluated alone.
+  one = ensemble.ensemble([a], tmp_path / "one", tta="flip", data=data)
+  assert one["tta"] == "flip" and "val/member_agreement" not in one
+  flipped = np.load(tmp_path / "one" / "test_probs.npy")
+  assert one["test/accuracy"] == pytest.approx(
+      float((flipped.argmax(1) == data["test"]["label"]).mean()))
+  assert not np.allclose(flipped, np.load(run_dir / "test_probs.npy"), atol=1e-5)
 
 
 def test_members_on_other_splits_are_refused(run_dir, data, tmp_path):

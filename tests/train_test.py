@@ -17,7 +17,9 @@ from configs import cnn as cnn_config
 from configs import reference_net as reference_net_config
 from configs import strong as strong_config
 from fer import checkpointing
+from fer import input_pipeline
 from fer import metrics
+from fer import runs
 from fer import train
 from fer.datasets import synthetic
 
@@ -227,15 +229,22 @@ def test_main_end_to_end_writes_every_output(tmp_path):
   proc = _run_main(tmp_path, "--config.eval.tta=flip")
   assert proc.returncode == 0, proc.stderr[-3000:]
   for name in ("results.json", "config.json", "metrics.jsonl", "confusion_matrix.png",
-               "learning_curves.png"):
+               "learning_curves.png", "reliability.png"):
     assert (tmp_path / name).is_file(), name
   assert list((tmp_path / "tb").iterdir()), "no TensorBoard events"
   results = json.loads((tmp_path / "results.json").read_text())
   for key in ("val/accuracy", "test/accuracy", "num_params", "train_seconds",
               "test/per_class_accuracy", "test/macro_f1", "device_kind", "device_count",
-              "git_commit"):
+              "git_commit", "test/ece", "temperature", "test/ece_calibrated"):
     assert key in results, key
   assert 0 <= results["test/accuracy"] <= 1
+  # Calibration: the temperature is fit on the saved val probabilities and scored on test's.
+  data = input_pipeline.load_splits(runs.load_config(tmp_path).input)
+  probs = {s: np.load(tmp_path / f"{s}_probs.npy") for s in ("val", "test")}
+  assert results["temperature"] == pytest.approx(
+      metrics.fit_temperature(probs["val"], data["val"]["label"]))
+  assert results["test/ece"] == pytest.approx(
+      metrics.expected_calibration_error(probs["test"], data["test"]["label"]), abs=1e-6)
   assert json.loads((tmp_path / "config.json").read_text())["model"]["conv_features"] == [8, 16]
   assert "img/s" in proc.stdout and "ETA" in proc.stdout
 
