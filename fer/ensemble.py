@@ -31,6 +31,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 import numpy as np
 
 from fer import fileio
@@ -89,6 +90,15 @@ def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
                         f"re-evaluates its best checkpoint), got {len(workdirs)}")
   if tta not in ("", "none", "flip", "tencrop"):
     raise EnsembleError(f"--tta={tta!r}: expected none, flip or tencrop (or empty: the runs' own)")
+  resolved = [w.resolve() for w in workdirs]
+  twice = sorted({str(w) for w, r in zip(workdirs, resolved) if resolved.count(r) > 1})
+  if twice:
+    raise EnsembleError(f"{', '.join(twice)} given more than once: each run is one member")
+  out = pathlib.Path(out)
+  if any(w == out.resolve() or w in out.resolve().parents
+         for w in resolved) or (out / "checkpoints").exists():
+    raise EnsembleError(f"--out={out} is (inside) a run's workdir: its results.json and "
+                        f"probabilities would be overwritten. Give the ensemble a folder of its own.")
   configs = [_read_json(runs.find_config_file(w)) for w in workdirs]
   member_results = [_read_json(w / "results.json") for w in workdirs]
   _check_same_splits(workdirs, configs)
@@ -110,7 +120,6 @@ def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
     print(f"{workdir}: val/accuracy {entry['val/accuracy']:.4f}, test/accuracy "
           f"{entry['test/accuracy']:.4f} ({member_tta} TTA)", flush=True)
 
-  out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   split_metrics, means = {}, {}
   for s in SPLITS:
@@ -173,6 +182,7 @@ _TTA = flags.DEFINE_string("tta", "", "none | flip | tencrop: re-evaluate the be
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.ERROR)  # orbax's notes on read-only managers are noise here
   try:
     ensemble(_WORKDIRS.value, _OUT.value, _TTA.value)
   except (ValueError, RuntimeError) as e:

@@ -100,6 +100,17 @@ def test_members_on_other_splits_are_refused(run_dir, data, tmp_path):
   assert not (tmp_path / "ens").exists()
 
 
+def test_out_must_not_be_a_member_and_members_not_repeat(run_dir, tmp_path):
+  a, b = _member(run_dir, tmp_path, "a"), _member(run_dir, tmp_path, "b")
+  before = (a / "results.json").read_bytes()
+  for out in (a, a / "ensemble"):
+    with pytest.raises(ensemble.EnsembleError, match="a run's workdir"):
+      ensemble.ensemble([a, b], out)
+  assert (a / "results.json").read_bytes() == before and not (a / "ensemble").exists()
+  with pytest.raises(ensemble.EnsembleError, match="given more than once"):
+    ensemble.ensemble([a, tmp_path / "." / "a"], tmp_path / "ens")
+
+
 def test_one_member_is_not_an_ensemble(run_dir, tmp_path):
   with pytest.raises(ensemble.EnsembleError, match="at least two runs"):
     ensemble.ensemble([run_dir], tmp_path / "ens")
