@@ -15,6 +15,7 @@ applied).
 
 import os
 from typing import NamedTuple
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -23,6 +24,7 @@ from PIL import ImageOps
 IMAGE_FORMATS = ("JPEG", "PNG")  # never let PIL pick other plugins (EPS runs ghostscript)
 FACE_SIZE = 48
 CASCADE_FILE = "haarcascade_frontalface_default.xml"
+SMALL_IMAGE_SIDE = 96  # no face found in an image this small: it may be a cropped face already
 
 
 class ImageError(ValueError):
@@ -37,15 +39,24 @@ class Box(NamedTuple):
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:
-  """The decoded image, upright (EXIF orientation applied). Raises ImageError."""
+  """The decoded image, upright (EXIF orientation applied). Raises ImageError.
+
+  Photos up to twice PIL's Image.MAX_IMAGE_PIXELS (179 megapixels by default: 108 MP phone
+  photos included) are read without PIL's DecompressionBombWarning; larger ones are refused, as
+  PIL does, with a message that says so.
+  """
   try:
-    with Image.open(path, formats=IMAGE_FORMATS) as img:
-      img.load()
-      return ImageOps.exif_transpose(img)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      with Image.open(path, formats=IMAGE_FORMATS) as img:
+        img.load()
+        return ImageOps.exif_transpose(img)
   except Image.UnidentifiedImageError:
     raise ImageError(_unidentified(path)) from None
-  except Image.DecompressionBombError as e:
-    raise ImageError(f"too large ({e})") from None
+  except Image.DecompressionBombError:
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    raise ImageError(f"too large: over {limit / 1e6:.0f} megapixels, which PIL refuses to decode "
+                     "(a guard against decompression bombs); downscale it") from None
   except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data, a folder, ...
     raise ImageError(f"unreadable ({type(e).__name__}: {e})") from None
 
@@ -107,6 +118,16 @@ def crop_face(grey: np.ndarray, box: Box, margin: float = 0.1,
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
     crop = cv2.resize(crop, (size, size), interpolation=interpolation)
   return np.ascontiguousarray(crop, np.uint8)[..., None]
+
+
+def no_face_problem(grey: np.ndarray) -> str:
+  """What to report when the detector finds no face in `grey`: in a small image, the hint that
+  it may be a cropped face already (FER2013's are 48x48), for which detection is to be skipped."""
+  height, width = grey.shape[:2]
+  if max(height, width) <= SMALL_IMAGE_SIDE:
+    return (f"no face found (a {width}x{height} image: if it is a cropped face already, pass "
+            "--no_detect)")
+  return "no face found"
 
 
 def whole_image_box(grey: np.ndarray) -> Box:

@@ -10,12 +10,14 @@ frontal faces (fer/faces.py); each face is cropped and preprocessed like the tra
 all faces are classified together, in fixed-size batches. One row per face: the file, the face
 box (x, y, w, h), the top emotion and the 7 probabilities. `--no_detect` takes each image as an
 already cropped face. Test-time augmentation is the run's `eval.tta` unless `--tta` says
-otherwise.
+otherwise; the val accuracy printed first is the one measured with that TTA where the run has it
+(results.json), else the checkpoint's own evaluation, without TTA, and says which.
 
 The table goes to stdout; with `--format=json|csv` that format goes to stdout instead, or to
 `--output` (the table then still goes to stdout). Files that are no image, unreadable, or hold
-no face are reported one by one; the rest still run. Progress goes to stderr. The exit status
-is 1 when no face at all could be classified, else 0.
+no face are reported one by one (as is a folder without files); the rest still run. Progress
+goes to stderr. The exit status is 1 when no face at all could be classified, 2 when the run or
+checkpoint cannot be used (a one-line error names it), else 0.
 """
 
 from fer import xla_flags
@@ -25,6 +27,7 @@ xla_flags.configure_cpu_defaults()  # before jax starts its backend; a no-op off
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import csv
 import dataclasses
+import gc
 import io
 import json
 import math
@@ -32,6 +35,7 @@ import os
 import pathlib
 import sys
 import time
+import types
 from typing import Callable, Sequence, TextIO
 
 from absl import app
@@ -112,9 +116,14 @@ def find_images(paths: Sequence[str]) -> tuple[list[str], list[Problem]]:
   for p in paths:
     path = pathlib.Path(p)
     if path.is_dir():
+      found = []
       for dirpath, dirnames, filenames in os.walk(path):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
+      if not found:
+        problems.append(Problem(str(path), f"no image in this folder or its subfolders (looked "
+                                f"for JPEG and PNG files: {', '.join(IMAGE_SUFFIXES)})"))
+      files += found
     elif path.exists():
       files.append(str(path))
     else:
@@ -165,7 +174,7 @@ def extract_faces(files: Sequence[str], detector=None, margin: float = 0.1,
       else:
         boxes, file_margin = detector.detect(grey), margin
       if not boxes:
-        problems.append(Problem(file, "no face found"))
+        problems.append(Problem(file, faces_lib.no_face_problem(grey)))
       for box in boxes:
         crops.append(faces_lib.crop_face(grey, box, file_margin))
         where.append((file, box))
@@ -309,6 +318,59 @@ def annotate(results: Results, out_dir, files: Sequence[str] | None = None) -> l
   return written
 
 
+def val_accuracy_line(run: runs.Run, tta: str) -> str:
+  """'val/accuracy A with|without TTA': results.json's figure when it is for this checkpoint's
+  epoch and `tta` (the run's final evaluation, with its eval.tta), else the checkpoint's own,
+  which the epoch's evaluation measured without TTA."""
+  step_dir = run.checkpoint.path
+  results = {}
+  if step_dir.parent.parent.name == "checkpoints":  # RUN/checkpoints/<kind>/<epoch>
+    try:
+      results = json.loads((step_dir.parents[2] / "results.json").read_text())
+    except (OSError, ValueError):
+      pass
+  final = results.get("val/accuracy") if isinstance(results, dict) else None
+  if (isinstance(final, float) and results.get("tta") == tta and
+      results.get("best_epoch") == run.checkpoint.epoch):
+    return f"val/accuracy {final:.4f} {'without TTA' if tta == 'none' else f'with {tta} TTA'}"
+  acc = run.checkpoint.val_accuracy
+  line = f"val/accuracy {'?' if acc is None else f'{acc:.4f}'} without TTA"
+  return line if tta == "none" else f"{line}; predicting with {tta} TTA"
+
+
+def quiet_orbax_read_noise():
+  """Drops what orbax leaves behind when a damaged checkpoint fails to restore, which Python
+  prints as 'Exception ignored' tracebacks after the clean error, a few or dozens, at random:
+  its abandoned read coroutines, raising when collected, and TensorStore's callbacks into its
+  closed event loop ('RuntimeError: Event loop is closed'). Installed for the rest of the
+  process (for the CLIs); every other unraisable exception is still reported."""
+  previous = sys.unraisablehook
+  if getattr(previous, "quiets_orbax", False):
+    return
+
+  def hook(unraisable):
+    exc, obj = unraisable.exc_value, unraisable.object
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    if (isinstance(obj, types.CoroutineType) and
+        f"{os.sep}orbax{os.sep}" in obj.cr_code.co_filename):
+      return
+    previous(unraisable)
+
+  hook.quiets_orbax = True
+  sys.unraisablehook = hook
+
+
+def load_run(workdir, checkpoint) -> runs.Run:
+  """runs.load for a CLI: a damaged checkpoint's RunError without orbax's leftover noise."""
+  quiet_orbax_read_noise()
+  try:
+    return runs.load(workdir, checkpoint)
+  except runs.RunError:
+    gc.collect()  # the abandoned reads are collected now, under the filter, not at exit
+    raise
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -323,16 +385,16 @@ def main(argv):
     if fmt not in ("json", "csv"):
       raise app.UsageError("--output needs --format=json or --format=csv (or a .json/.csv name)")
   try:
-    run = runs.load(FLAGS.workdir, FLAGS.checkpoint)
+    run = load_run(FLAGS.workdir, FLAGS.checkpoint)
     detector = (None if FLAGS.no_detect else
                 faces_lib.FaceDetector(min_size=FLAGS.min_face))
   except (runs.RunError, RuntimeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  acc = run.checkpoint.val_accuracy
-  print(f"Model: {run.checkpoint.path} (epoch {run.checkpoint.epoch}, val/accuracy "
-        f"{'?' if acc is None else f'{acc:.4f}'})", file=sys.stderr, flush=True)
-  results = predict_files(run, paths, detector, FLAGS.margin, FLAGS.tta, FLAGS.batch_size)
+  tta = FLAGS.tta or run.config.eval.get("tta", "none")
+  print(f"Model: {run.checkpoint.path} (epoch {run.checkpoint.epoch}, "
+        f"{val_accuracy_line(run, tta)})", file=sys.stderr, flush=True)
+  results = predict_files(run, paths, detector, FLAGS.margin, tta, FLAGS.batch_size)
   text = {"json": to_json, "csv": to_csv, "table": to_table}[fmt](results)
   if FLAGS.output:
     fileio.write_text_atomic(FLAGS.output, text)
@@ -344,7 +406,10 @@ def main(argv):
     files, _ = find_images(paths)
     written = annotate(results, FLAGS.annotate, files)
     print(f"Wrote {len(written)} annotated images into {FLAGS.annotate}", file=sys.stderr)
-  return 1 if not results.faces else 0
+  if not results.faces:
+    print("error: no face found in the images given", file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == "__main__":
