@@ -53,7 +53,8 @@ def define_flags():
   flags.DEFINE_string("output", None, "The folder to write.")
   flags.DEFINE_enum("tta", None, ["none", "flip", "tencrop"], "Test-time augmentation built "
                     "into the function; default: the run's eval.tta.")
-  flags.DEFINE_list("platforms", ["cpu", "cuda"], "Platforms to lower for.")
+  flags.DEFINE_list("platforms", ["cpu", "cuda"],
+                    f"Platforms to lower for, any of {', '.join(PLATFORMS)}.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing --output folder.")
 
 
@@ -62,6 +63,21 @@ PARAMS_FILE = "params.npz"
 INFO_FILE = "model.json"
 README_FILE = "README.md"
 INPUT_SHAPE = "b, 48, 48, 1"
+# jax.export's built-in platforms (jax.export.export's docstring). It lowers for any other name
+# too, and the export then fails when called: "gpuu" is caught here.
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+def check_platforms(platforms) -> tuple[str, ...]:
+  """`platforms` as a tuple, or ValueError naming the first one jax.export does not know."""
+  platforms = tuple(platforms)
+  if not platforms:
+    raise ValueError(f"--platforms is empty: name one or more of {', '.join(PLATFORMS)}")
+  for p in platforms:
+    if p not in PLATFORMS:
+      raise ValueError(f"--platforms: {p!r} is not a platform jax.export lowers for; choose "
+                       f"from {', '.join(PLATFORMS)}")
+  return platforms
 
 
 def flatten_variables(variables: dict) -> dict[str, np.ndarray]:
@@ -73,6 +89,7 @@ def flatten_variables(variables: dict) -> dict[str, np.ndarray]:
 def export_predict(model, variables: dict, tta: str, platforms=("cpu", "cuda")):
   """jax.export.Exported of predict(flat variables, faces uint8 [b, 48, 48, 1]) -> [b, 7]."""
   from fer import train  # pylint: disable=import-outside-toplevel
+  platforms = check_platforms(platforms)
   if getattr(model, "conv_impl", "xla") != "xla":
     # Exact fp32 convolutions for every platform (gemm_bf16 is a CPU training speed-up, and its
     # bitcasts don't take the symbolic batch size).
@@ -85,8 +102,7 @@ def export_predict(model, variables: dict, tta: str, platforms=("cpu", "cuda")):
   flat = flatten_variables(variables)
   param_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
   face_spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(INPUT_SHAPE), jnp.uint8)
-  return jax.export.export(jax.jit(predict_flat), platforms=tuple(platforms))(param_specs,
-                                                                              face_spec)
+  return jax.export.export(jax.jit(predict_flat), platforms=platforms)(param_specs, face_spec)
 
 
 README = """\
@@ -178,9 +194,15 @@ def main(argv):
   if not FLAGS.output:
     raise app.UsageError("--output is required")
   logging.set_verbosity(logging.ERROR)  # orbax's notes on read-only managers are noise here
+  from fer import predict  # pylint: disable=import-outside-toplevel
   try:
-    run = runs.load(FLAGS.workdir, FLAGS.checkpoint)
-    out = write_export(run, FLAGS.output, FLAGS.tta, FLAGS.platforms, FLAGS.overwrite)
+    platforms = check_platforms(FLAGS.platforms)  # before loading the run
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  try:
+    run = predict.load_run(FLAGS.workdir, FLAGS.checkpoint)
+    out = write_export(run, FLAGS.output, FLAGS.tta, platforms, FLAGS.overwrite)
   except (runs.RunError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

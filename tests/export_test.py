@@ -76,6 +76,18 @@ def test_existing_output_is_kept_unless_overwrite(run, tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_unknown_platforms_are_refused_with_the_choices(run, tmp_path):
+  """jax.export lowers for any name ("gpuu") and the export fails only when called."""
+  assert export.check_platforms(["cpu", "cuda", "rocm", "tpu"]) == ("cpu", "cuda", "rocm", "tpu")
+  for platforms, bad in [(["cpu", "gpuu"], "gpuu"), (["gpu"], "gpu"), (["CPU"], "CPU")]:
+    with pytest.raises(ValueError, match=rf"^--platforms: '{bad}' is not a platform jax.export "
+                       r"lowers for; choose from cpu, cuda, rocm, tpu$"):
+      export.check_platforms(platforms)
+  with pytest.raises(ValueError, match="'gpuu'"):
+    export.write_export(run, tmp_path / "model", platforms=("gpuu",))
+  assert not list(tmp_path.iterdir())
+
+
 def test_cli(run, tmp_path):
   workdir = run.checkpoint.path.parents[2]
   proc = trained_run.run_module("fer.export", f"--workdir={workdir}",
@@ -84,3 +96,8 @@ def test_cli(run, tmp_path):
   assert "Exported" in proc.stdout and (tmp_path / "out" / export.PARAMS_FILE).is_file()
   proc = trained_run.run_module("fer.export", f"--workdir={tmp_path}", f"--output={tmp_path}/x")
   assert proc.returncode == 1 and "error:" in proc.stderr and "Traceback" not in proc.stderr
+  proc = trained_run.run_module("fer.export", f"--workdir={workdir}", f"--output={tmp_path}/y",
+                                "--platforms=cpu,gpuu")
+  assert proc.returncode == 1 and not (tmp_path / "y").exists()
+  assert proc.stderr == ("error: --platforms: 'gpuu' is not a platform jax.export lowers for; "
+                         "choose from cpu, cuda, rocm, tpu\n")
