@@ -1,11 +1,14 @@
 r"""What a trained run holds, from its orbax metadata.
 
   python -m fer.inspect --workdir=runs/cnn
+  python -m fer.inspect --checkpoint=runs/cnn/checkpoints/last/30
   python -m fer.inspect --workdir=runs/vgg16_finetune --compare=runs/vgg16_frozen
 
 Lists the run's checkpoints (last/ and best/: epoch, train step, val accuracy), prints the
 config it was trained with and the parameter tree of its best checkpoint (or `--checkpoint`)
-with shapes, dtypes and counts per module and in total. None of this reads an array: it comes
+with shapes, dtypes and counts per module and in total. Given only `--checkpoint`, the run is
+the workdir that holds it (RUN/checkpoints/<kind>/<epoch>); a checkpoint outside a run is shown
+alone. None of this reads an array: it comes
 from the managers' step lists, the `meta` JSON item and the state's array metadata.
 
 `--compare=OTHER` (a workdir or a checkpoint folder) loads both checkpoints' parameters and
@@ -195,21 +198,39 @@ def format_comparison(diffs: list[Difference], name_a: str, name_b: str) -> list
 # ----------------------------------------------------------------------------- CLI
 
 
-def inspect_run(workdir, checkpoint=None, compare=None, show_config=True) -> tuple[str, bool]:
-  """(the report, ok)."""
-  workdir = pathlib.Path(workdir)
-  if not workdir.is_dir():
-    return f"error: {workdir} does not exist\n", False
-  lines = [f"Run {workdir}"]
+def workdir_of(checkpoint) -> pathlib.Path | None:
+  """The run's workdir that holds `checkpoint` (RUN/checkpoints/<kind>/<epoch>[/state], or RUN
+  itself), or None for a checkpoint outside a run."""
+  path = pathlib.Path(checkpoint)
+  if (path / "checkpoints").is_dir():
+    return path
+  if path.name == "state":
+    path = path.parent
+  if path.parent.parent.name == "checkpoints" and path.parents[2].is_dir():
+    return path.parents[2]
+  return None
+
+
+def inspect_run(workdir=None, checkpoint=None, compare=None,
+                show_config=True) -> tuple[str, bool]:
+  """(the report, ok). `workdir` defaults to the run that holds `checkpoint`."""
+  if workdir is None and checkpoint is None:
+    raise ValueError("inspect_run: pass a workdir or a checkpoint")
+  workdir = workdir_of(checkpoint) if workdir is None else pathlib.Path(workdir)
   ok = True
-  if not (workdir / "checkpoints").is_dir():
-    lines.append(f"error: {workdir} has no checkpoints/ folder: not a trained run's workdir, or "
-                 "its training has not finished an epoch yet")
+  if workdir is None:
+    lines = [f"Checkpoint {checkpoint} (not in a run's checkpoints/ folder: no other "
+             "checkpoint to list)"]
+  elif not workdir.is_dir():
+    return f"error: {workdir} does not exist\n", False
+  elif not (workdir / "checkpoints").is_dir():
+    lines = [f"Run {workdir}",
+             f"error: {workdir} has no checkpoints/ folder: not a trained run's workdir, or its "
+             "training has not finished an epoch yet"]
     ok = False
   else:
-    ckpt_lines, ckpt_ok = format_checkpoints(workdir)
-    lines += ckpt_lines
-    ok &= ckpt_ok
+    lines, ok = format_checkpoints(workdir)
+    lines.insert(0, f"Run {workdir}")
   if show_config:
     try:
       config = runs.load_config(runs.find_config_file(workdir) if checkpoint is None else
@@ -245,9 +266,11 @@ def inspect_run(workdir, checkpoint=None, compare=None, show_config=True) -> tup
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
+  if not FLAGS.workdir and not FLAGS.checkpoint:
+    raise app.UsageError("Pass --workdir (a trained run) or --checkpoint (a checkpoint folder)")
   logging.set_verbosity(logging.ERROR)
+  from fer import predict  # pylint: disable=import-outside-toplevel
+  predict.quiet_orbax_read_noise()  # --compare restores arrays
   report, ok = inspect_run(FLAGS.workdir, FLAGS.checkpoint, FLAGS.compare,
                            FLAGS.show_config)
   sys.stdout.write(report)

@@ -157,11 +157,31 @@ def test_not_a_run(tmp_path):
   assert not ok and "does not exist" in report
 
 
+def test_a_checkpoint_alone_is_inspected_within_its_run(workdir, tmp_path):
+  step_dir = workdir / "checkpoints" / "last" / "1"
+  report, ok = inspect_lib.inspect_run(checkpoint=step_dir)
+  assert ok, report
+  assert report.startswith(f"Run {workdir}\nCheckpoints:")  # the run that holds it
+  assert re.search(r"^  best +1 .* checkpoints/best/1$", report, re.M), report
+  assert "Config:" in report and f"Parameters of {step_dir} (from its metadata)" in report
+  assert inspect_lib.inspect_run(checkpoint=step_dir / "state")[0] == report  # its state: same
+  # Copied out of its run, with no config above it: its parameters, and the config missing.
+  alone = tmp_path / "ckpt"
+  shutil.copytree(step_dir, alone)
+  report, ok = inspect_lib.inspect_run(checkpoint=alone)
+  assert not ok and report.startswith(f"Checkpoint {alone} (not in a run's checkpoints/")
+  assert "Config: No config.json" in report and f"Parameters of {alone}" in report
+
+
 def test_cli(workdir, damaged):
   proc = trained_run.run_module("fer.inspect", f"--workdir={workdir}", f"--compare={workdir}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Checkpoints:" in proc.stdout and "Config:" in proc.stdout
   assert "tensors identical" in proc.stdout
+  step_dir = workdir / "checkpoints" / "last" / "1"
+  proc = trained_run.run_module("fer.inspect", f"--checkpoint={step_dir}", "--show_config=false")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"Parameters of {step_dir}" in proc.stdout and "Checkpoints:" in proc.stdout
   _remove_state(damaged)
   proc = trained_run.run_module("fer.inspect", f"--workdir={damaged}")
   assert proc.returncode == 1
