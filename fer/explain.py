@@ -16,7 +16,8 @@ each photo is searched for faces and each face is cropped as `fer.predict` does 
 (`--no_detect`: each image is a cropped face); the figure shows each face with the heat map of
 the class the run predicts, and a line per face is printed (file, face box, that class, its
 probability, the heat's share in the upper half of the face). Files that are no image or hold no
-face are listed; the exit status is 1 when no face was found at all.
+face are listed; the exit status is 1 when no face was found at all. It is 2, after a one-line
+error, when the run or checkpoint cannot be used (or, for photos, OpenCV has no face detector).
 
 The heat map of a face for class c: the last feature map a module of the network returns
 (A [h, w, k]: the last conv layer after its batch norm in the CNN and VGG16, the last residual
@@ -207,6 +208,19 @@ def upper_share(heat: np.ndarray) -> np.ndarray:
   return heat[:, :half].sum((1, 2)) / np.maximum(heat.sum((1, 2)), 1e-12)
 
 
+def format_faces(items: list[dict[str, Any]]) -> str:
+  """A line per face (file, box, predicted class, its probability, upper-half share), in
+  columns as wide as their widest entry."""
+  rows = [[it["file"], ", ".join(str(int(v)) for v in it["box"]), it["pred"], f"{it['prob']:.0%}",
+           f"{it['upper']:.0%}"] for it in items]
+  heads = ["file", "box (x, y, w, h)", "emotion", "prob", "upper half"]
+  widths = [max(len(r[i]) for r in [heads] + rows) for i in range(len(heads))]
+  right = (False, False, False, True, False)  # the probability is right-aligned
+  line = lambda cells: "  ".join(c.rjust(w) if r else c.ljust(w)
+                                 for c, w, r in zip(cells, widths, right)).rstrip()
+  return "\n".join(line(r) for r in [heads] + rows) + "\n"
+
+
 def explain_photos(run, paths, out, method="gradcam", detector=None, margin=0.1,
                    batch_size=256) -> int:
   """The photo mode (module doc; `detector`: fer.faces.FaceDetector, None for cropped faces):
@@ -223,15 +237,13 @@ def explain_photos(run, paths, out, method="gradcam", detector=None, margin=0.1,
     return 1
   heats, probs = grad_cam(run.model, run.variables, images, batch_size=batch_size, method=method)
   preds, shares = probs.argmax(-1), upper_share(heats)
-  lines = [f"{'file':<40} {'box (x, y, w, h)':<20} {'emotion':<9} {'prob':>5}  upper half"]
   items, seen = [], {}
   for (file, box), image, heat, k, p, share in zip(where, images, heats, preds, probs, shares):
     seen[file] = seen.get(file, 0) + 1
-    box_text = ", ".join(str(int(v)) for v in box)
-    lines.append(f"{file:<40} {box_text:<20} {CLASSES[k]:<9} {p[k]:>5.0%}  {share:.0%}")
-    items.append({"image": image[..., 0], "heat": heat, "pred": CLASSES[k],
-                  "prob": float(p[k]), "label": f"{pathlib.Path(file).name} #{seen[file]}"})
-  sys.stdout.write("\n".join(lines) + "\n")
+    items.append({"image": image[..., 0], "heat": heat, "pred": CLASSES[k], "prob": float(p[k]),
+                  "label": f"{pathlib.Path(file).name} #{seen[file]}", "file": file, "box": box,
+                  "upper": float(share)})
+  sys.stdout.write(format_faces(items))
   path = plots.grad_cam_faces(items, out, title=f"{_TITLES[method]}, {len(items)} faces")
   print(f"Wrote {path}", file=sys.stderr)
   return 0
@@ -246,8 +258,9 @@ def main(argv):
   from fer import faces as faces_lib  # pylint: disable=import-outside-toplevel
   from fer import input_pipeline  # pylint: disable=import-outside-toplevel
   from fer import plots  # pylint: disable=import-outside-toplevel
+  from fer import predict  # pylint: disable=import-outside-toplevel
   try:
-    run = runs.load(FLAGS.workdir, FLAGS.checkpoint)
+    run = predict.load_run(FLAGS.workdir, FLAGS.checkpoint)
     if len(argv) > 1:
       detector = None if FLAGS.no_detect else faces_lib.FaceDetector()
     else:

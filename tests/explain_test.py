@@ -214,6 +214,21 @@ def test_summary_splits_the_heat_of_the_right_faces(monkeypatch):
   assert "angry" in text and "100% / 0%" in text and "0% / 100%" in text
 
 
+def test_the_photo_table_fits_its_longest_path():
+  items = [{"file": f, "box": box, "pred": pred, "prob": prob, "upper": upper}
+           for f, box, pred, prob, upper in [
+               ("a.png", (0, 0, 48, 48), "happy", 0.93, 0.4),
+               ("photos/2024/a holiday with a rather long name/IMG_0001.jpg",
+                (1210, 388, 412, 412), "surprise", 0.071, 0.55)]]
+  lines = explain.format_faces(items).splitlines()
+  assert lines[0].split("  ")[0] == "file"
+  # Every column starts at the same place on every line.
+  for column in ("box (x, y, w, h)", "emotion", "upper half"):
+    start = lines[0].index(column)
+    assert all(l[start - 2:start] == "  " and l[start] != " " for l in lines), lines
+  assert lines[1].endswith("93%  40%") and lines[2].endswith("  7%  55%")
+
+
 def test_cli(tmp_path, tmp_path_factory):
   workdir = trained_run.tiny_run(tmp_path_factory)
   out = tmp_path / "figs" / "cam.png"
