@@ -7,8 +7,10 @@ r"""The whole study in one command: every experiment into --root, skipping runs 
 
 Experiments (names as in the README's results table): data_report, search, cnn_standard_s<k>,
 augment_standard_s<k> (protocol `standard`), cnn_seed_s<k>, augment_seed_s<k> (protocol `seed`,
-the original study's), vgg16_cached, vgg16_frozen, vgg16_finetune, strong_s<k> and
-strong_ensemble, strong_seed_s<k> and strong_seed_ensemble, for k < --seeds.
+the original study's), vgg16_cached, vgg16_frozen, vgg16_finetune, strong_s<k>, strong_seed_s<k>,
+for k < --seeds, and with 2 seeds or more each family's <family>_ensemble (cnn_standard_ensemble,
+..., strong_ensemble, strong_seed_ensemble). The README's strong_ensemble has a fourth seed:
+`--only=strong_s0,strong_s1,strong_s2,strong_s3,strong_ensemble --seeds=4`.
 `--only` takes name prefixes. A run is complete when its workdir holds its final file
 (results.json; data_report.json for the data report; best_config.py for the search); a killed
 run resumes from its last checkpoint when the command is repeated. Each finished training run is
@@ -63,16 +65,23 @@ def experiments(root: pathlib.Path, seeds: int, vgg16_weights: str = "keras",
   """The study, in the order it runs (the ensemble after its members, fine-tuning after the
   frozen run it starts from)."""
   t = lambda *a, **k: _train(*a, root=root, runlocal=runlocal, **k)  # pylint: disable=unnecessary-lambda-assignment
+
+  def ensemble(name):
+    """The ensemble of the seeds of `name` (e.g. cnn_standard: cnn_standard_s0, ...)."""
+    members = [root / f"{name}_s{k}" for k in range(seeds)]
+    return Experiment(f"{name}_ensemble", (
+        "fer.ensemble", f"--workdirs={','.join(map(str, members))}",
+        f"--out={root / f'{name}_ensemble'}"), after=tuple(m.name for m in members))
+
   out = [t("data_report", "configs/data_report.py", done_file="data_report.json", collect=False),
          t("search", "configs/search.py", done_file="best_config.py", collect=False)]
-  for k in range(seeds):
-    out.append(t(f"cnn_standard_s{k}", "configs/cnn.py", f"--config.seed={k}"))
-    out.append(t(f"augment_standard_s{k}", "configs/augment.py", f"--config.seed={k}"))
-  for k in range(seeds):
-    out.append(t(f"cnn_seed_s{k}", "configs/cnn.py", "--config.input.protocol=seed",
-                 f"--config.seed={k}"))
-    out.append(t(f"augment_seed_s{k}", "configs/augment.py", "--config.input.protocol=seed",
-                 f"--config.seed={k}"))
+  for protocol in ("standard", "seed"):
+    args = ("--config.input.protocol=seed",) if protocol == "seed" else ()
+    for k in range(seeds):
+      out.append(t(f"cnn_{protocol}_s{k}", "configs/cnn.py", *args, f"--config.seed={k}"))
+      out.append(t(f"augment_{protocol}_s{k}", "configs/augment.py", *args, f"--config.seed={k}"))
+    if seeds >= 2:
+      out += [ensemble(f"cnn_{protocol}"), ensemble(f"augment_{protocol}")]
   suffix = "" if vgg16_weights != "none" else "_scratch"
   weights = (f"--config.pretrained.weights={vgg16_weights}",)
   frozen = f"vgg16_frozen{suffix}"
@@ -85,9 +94,7 @@ def experiments(root: pathlib.Path, seeds: int, vgg16_weights: str = "keras",
     out += [t(m.name, "configs/strong.py", *protocol, f"--config.seed={k}")
             for k, m in enumerate(members)]
     if seeds >= 2:
-      out.append(Experiment(f"strong{tag}_ensemble", (
-          "fer.ensemble", f"--workdirs={','.join(map(str, members))}",
-          f"--out={root / f'strong{tag}_ensemble'}"), after=tuple(m.name for m in members)))
+      out.append(ensemble(f"strong{tag}"))
   return out
 
 

@@ -20,7 +20,9 @@ def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
   names = [e.name for e in run_study.experiments(tmp_path, seeds=2)]
   assert names == ["data_report", "search", "cnn_standard_s0", "augment_standard_s0",
                    "cnn_standard_s1", "augment_standard_s1",
+                   "cnn_standard_ensemble", "augment_standard_ensemble",
                    "cnn_seed_s0", "augment_seed_s0", "cnn_seed_s1", "augment_seed_s1",
+                   "cnn_seed_ensemble", "augment_seed_ensemble",
                    "vgg16_cached", "vgg16_frozen", "vgg16_finetune",
                    "strong_s0", "strong_s1", "strong_ensemble",
                    "strong_seed_s0", "strong_seed_s1", "strong_seed_ensemble"]
@@ -36,6 +38,9 @@ def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
   assert by_name["vgg16_finetune_scratch"].after == ("vgg16_frozen_scratch",)
   every = {e.name: e for e in run_study.experiments(tmp_path, seeds=2)}
   assert every["strong_seed_ensemble"].after == ("strong_seed_s0", "strong_seed_s1")
+  assert every["augment_standard_ensemble"].argv == (
+      "fer.ensemble", f"--workdirs={tmp_path / 'augment_standard_s0'},"
+      f"{tmp_path / 'augment_standard_s1'}", f"--out={tmp_path / 'augment_standard_ensemble'}")
 
 
 def test_runs_collects_and_then_skips_a_complete_run(tmp_path, capsys):
