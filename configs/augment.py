@@ -15,6 +15,7 @@ from configs import common
 
 
 def get_config(arg=None):
+  common.check_arg(arg, "configs/augment.py")
   c = cnn.get_config(arg)
   common.apply_study_augmentation(c)
   c.model.dropout = 0.2

@@ -14,6 +14,7 @@ from configs import common
 
 
 def get_config(arg=None):
+  common.check_arg(arg, "configs/cnn.py")
   c = common.base()
   c.model.batch_norm = True  # the architecture search's winner (experiments/results/search/)
   c.optim.name = "adamw"

@@ -101,6 +101,14 @@ def apply_study_augmentation(c: ml_collections.ConfigDict) -> ml_collections.Con
   return c
 
 
+def check_arg(arg, config_file: str):
+  """The `:arg` after a config's file name: only `runlocal` (or nothing) is known; a typo such as
+  `:runlcoal` would otherwise start the full run on the real data."""
+  if arg not in (None, "", "runlocal"):
+    raise ValueError(f"{config_file}:{arg}: unknown config argument {arg!r}; expected "
+                     f"{config_file}:runlocal (a smoke test on synthetic faces) or {config_file}")
+
+
 def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a config to a CPU smoke test of seconds (big_vision's `:runlocal`)."""
   c.input.source = "synthetic"

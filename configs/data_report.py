@@ -14,6 +14,7 @@ from configs import common
 
 
 def get_config(arg=None):
+  common.check_arg(arg, "configs/data_report.py")
   c = common.base()
   c.job = "data_report"
   if arg == "runlocal":

@@ -10,6 +10,7 @@ from configs import common
 
 
 def get_config(arg=None):
+  common.check_arg(arg, "configs/reference_net.py")
   c = common.base()
   c.model.conv_features = (32, 64, 128, 256)
   c.model.dense_features = (512, 256, 128)

@@ -30,6 +30,7 @@ from configs import common
 
 
 def get_config(arg=None):
+  common.check_arg(arg, "configs/strong.py")
   c = common.base()
   c.model.conv_features = (64, 128, 256, 512)
   c.model.convs_per_block = 2

@@ -31,6 +31,7 @@ from configs import strong
 
 
 def get_config(arg=None):
+  common.check_arg(arg, "configs/strong_resnet.py")
   c = strong.get_config()
   c.model.name = "resnet"
   c.model.conv_features = (64, 128, 256, 512)

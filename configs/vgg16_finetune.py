@@ -3,10 +3,9 @@ r"""VGG16 transfer learning, way 3: fine-tune block5 (and the head) of a vgg16_f
   python -m fer.main --config=configs/vgg16_frozen.py --workdir=runs/vgg16_frozen   # first
   python -m fer.main --config=configs/vgg16_finetune.py --workdir=runs/vgg16_finetune \
       --config.init_from=runs/vgg16_frozen
-  python -m fer.main --config=configs/vgg16_frozen.py:runlocal --workdir=/tmp/vgg16_frozen \
-      --config.pretrained.weights=none      # CPU smoke test: the frozen run, then
-  python -m fer.main --config=configs/vgg16_finetune.py:runlocal --workdir=/tmp/vgg16_finetune \
-      --config.pretrained.weights=none      # init_from defaults to /tmp/vgg16_frozen here
+  # Smoke test (synthetic faces, no weights file): the frozen run, then fine-tuning
+  python -m fer.main --config=configs/vgg16_frozen.py:runlocal --workdir=/tmp/vgg16_frozen
+  python -m fer.main --config=configs/vgg16_finetune.py:runlocal --workdir=/tmp/vgg16_finetune
 
 `config.init_from` (default runs/vgg16_frozen, /tmp/vgg16_frozen with runlocal) is the frozen
 run's workdir: its best checkpoint gives the base and the trained head. `optim.freeze` keeps
@@ -16,10 +15,12 @@ unfrozen base layer trains at optim.learning_rate times the `^block` factor of o
 accuracy and time: the README's VGG16 table, filled from real runs.
 """
 
+from configs import common
 from configs import vgg16_frozen
 
 
 def get_config(arg=None):
+  common.check_arg(arg, "configs/vgg16_finetune.py")
   c = vgg16_frozen.get_config(arg)
   c.init_from = "/tmp/vgg16_frozen" if arg == "runlocal" else "runs/vgg16_frozen"
   c.optim.freeze = "^block[1-4]_"

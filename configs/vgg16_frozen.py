@@ -3,8 +3,8 @@ r"""VGG16 transfer learning, way 2: frozen base plus head, trained end-to-end on
   python -m fer.main --config=configs/vgg16_frozen.py --workdir=runs/vgg16_frozen
   python -m fer.main --config=configs/vgg16_frozen.py --workdir=runs/vgg16_frozen_random \
       --config.pretrained.weights=none      # no weights file: seeded random base
-  python -m fer.main --config=configs/vgg16_frozen.py:runlocal --workdir=/tmp/vgg16_frozen \
-      --config.pretrained.weights=none      # CPU smoke test, synthetic faces
+  # Smoke test (synthetic faces, no weights file):
+  python -m fer.main --config=configs/vgg16_frozen.py:runlocal --workdir=/tmp/vgg16_frozen
 
 Every image goes through the base in every step, so the augmentation of configs/augment.py
 (flip, rotation, shift, zoom) can be used. The base is frozen by `optim.freeze='^block'`: its
@@ -19,6 +19,7 @@ from configs import vgg16_common
 
 
 def get_config(arg=None):
+  common.check_arg(arg, "configs/vgg16_frozen.py")
   c = vgg16_common.base(arg)
   c.optim.freeze = "^block"  # the whole conv base
   common.apply_study_augmentation(c)

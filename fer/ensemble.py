@@ -118,7 +118,7 @@ def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
       entry[f"{s}/accuracy"] = float((member[s].argmax(1) == data[s]["label"]).mean())
     members.append(entry)
     print(f"{workdir}: val/accuracy {entry['val/accuracy']:.4f}, test/accuracy "
-          f"{entry['test/accuracy']:.4f} ({member_tta} TTA)", flush=True)
+          f"{entry['test/accuracy']:.4f} ({train.tta_words(member_tta)})", flush=True)
 
   out.mkdir(parents=True, exist_ok=True)
   split_metrics, means = {}, {}

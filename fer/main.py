@@ -47,9 +47,19 @@ def _message(e: BaseException) -> str:
 
 
 def parse_flags(argv):
-  """absl's flag parsing, with a one-line error (no traceback) for a bad --config override."""
+  """absl's flag parsing, with a one-line error (no traceback) for a bad --config override or a
+  config file that cannot be loaded (missing, or its get_config refusing its argument)."""
   try:
-    return app.parse_flags_with_usage(argv)
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    text = str(e)
+    if "Error whilst parsing config file" in text or "Attempted [" in text:
+      # ml_collections puts the config module's traceback (or the paths it tried) in the text:
+      # its last line is the reason.
+      reason = [l.strip() for l in text.splitlines() if l.strip()][-1]
+      sys.exit(f"fer: config error: cannot read the config file: {text.splitlines()[0]} "
+               f"{reason}")
+    sys.exit(f"fer: {text}\nPass --helpshort or --helpfull to see help on flags.")
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     sys.exit(f"fer: config error: {_message(e)}")
 
@@ -59,7 +69,12 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   config = flags.FLAGS.config
-  job = config.get("job", "train")
+  try:
+    job = config.get("job", "train")
+  except OSError as e:  # ml_collections defers a missing config file's error to the first use
+    reason = [l.strip() for l in str(e).splitlines() if l.strip()][-1]
+    sys.exit(f"fer: config error: cannot read the config file --config="
+             f"{flags.FLAGS['config'].config_filename}: {reason}")
   if _MULTIHOST.value:
     start_multihost(job)
   try:

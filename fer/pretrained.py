@@ -133,7 +133,8 @@ def _how_to_fix(entry: WeightsFile, cache_dir: str, expected: dict[str, str]) ->
            f"{_describe(expected)})")
   return (f"{get} and set config.pretrained.path to the local file, or put it into "
           f"config.pretrained.cache_dir ({cache_dir}) as {entry.filename}. A different trusted "
-          f"copy can be pinned with config.pretrained.sha256.")
+          f"copy can be pinned with config.pretrained.sha256. Without weights, "
+          f"--config.pretrained.weights=none trains from a seeded random initialisation.")
 
 
 def verify_file(path: str, *, sha256: str = "", md5: str = "", hint: str = "") -> None:

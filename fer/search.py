@@ -541,15 +541,19 @@ def run(config, workdir) -> dict:
 
 def _run(config, workdir):
   s = config.search
-  trials = make_trials(config)
-  rungs = rung_epochs(s)
+  try:
+    trials = make_trials(config)
+    rungs = rung_epochs(s)
+    vmap = use_vmap(s.vmap)
+  except (KeyError, ValueError) as e:  # search.strategy, .space, .halving, .vmap, space keys
+    raise train.ConfigError(f"Invalid search config: {e.args[0] if e.args else e}") from e
   log_path = workdir / "trials.jsonl"
   records = {(r["trial"], r["epochs"]): r for r in read_records(log_path)}
   counts = {}
   for t in trials:
     counts[t.structure] = counts.get(t.structure, 0) + 1
   grouped = {t.structure for t in trials
-             if use_vmap(s.vmap) and counts[t.structure] > 1 and groupable(t.config)}
+             if vmap and counts[t.structure] > 1 and groupable(t.config)}
   print(f"Search: {s.strategy} over space {s.space!r}, {len(trials)} trials "
         f"({len(counts)} structures, {len(grouped)} trained as vmapped groups), rungs "
         f"{rungs} epochs; {len(records)} finished rows in {log_path}.", flush=True)
@@ -638,7 +642,7 @@ def _run_plain(trial, rung, epochs, data, workdir):
       if done["epochs_trained"] < epochs and not done["stopped_early"]:
         results_path.rename(trial_dir / f"results_{done['epochs_trained']}ep.json")
     results = train.train_and_evaluate(_with_epochs(trial.config, epochs), str(trial_dir),
-                                       data=data)
+                                       data=data, resume_may_change=_BUDGET_KEYS)
     row.update({"status": "ok", "val/accuracy": results["val/accuracy"],
                 "val/loss": results["val/loss"], "best_epoch": results["best_epoch"],
                 "train_seconds": results["train_seconds"]})

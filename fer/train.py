@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import pathlib
+import re
 import subprocess
 import time
 from typing import Any
@@ -100,6 +101,10 @@ def validate_config(config):
   if jax.process_count() > 1 and config.model.name == "vgg16_head":
     problems.append("model.name='vgg16_head' (a head on cached VGG16 features) caches its "
                     "features in one process: run it without --multihost")
+  for key in ("augment.mixup_alpha", "augment.cutmix_alpha"):
+    group, name = key.split(".")
+    if not isinstance(config[group][name], (int, float)) or config[group][name] < 0:
+      problems.append(f"{key}={config[group][name]!r}: expected >= 0 (0 turns it off)")
   for key in ("model.dropout", "model.conv_dropout", "augment.erase_prob"):
     group, name = key.split(".")
     if not 0 <= config[group][name] < 1:
@@ -224,6 +229,11 @@ def _tta_views(images, tta: str):
     crops = [padded[:, y:y + h, x:x + w] for y, x in offsets]
     return jnp.stack(crops + [v[:, :, ::-1] for v in crops])
   raise ValueError(f"eval.tta={tta!r}: expected none, flip or tencrop")
+
+
+def tta_words(tta: str) -> str:
+  """'no TTA', 'flip TTA', 'tencrop TTA': for messages."""
+  return "no TTA" if tta == "none" else f"{tta} TTA"
 
 
 def make_predict(model, tta: str):
@@ -360,16 +370,19 @@ def load_data(config, workdir):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       data: dict | None = None) -> dict:
+                       data: dict | None = None, resume_may_change: tuple = ()) -> dict:
   """Trains, checkpoints, resumes, and evaluates the test split once at the end.
 
   `data`, a dict as `load_data` returns it, is used instead of loading (fer/search.py passes
-  its preloaded splits). Returns the results dict that is also written to `workdir/results.json`.
+  its preloaded splits). A run in `workdir` resumes only under the same config, but for the keys
+  in RESUME_MAY_CHANGE and `resume_may_change` (the search's rungs raise train.num_epochs).
+  Returns the results dict that is also written to `workdir/results.json`.
   """
   validate_config(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   with checkpointing.WorkdirLock(workdir) if is_primary() else contextlib.nullcontext():
+    check_same_config(config, workdir, RESUME_MAY_CHANGE + tuple(resume_may_change))
     return _train_and_evaluate(config, workdir, data)
 
 
@@ -390,6 +403,45 @@ def _load_data_once(config, workdir):
   if is_primary():
     multihost_utils.sync_global_devices("fer: data prepared")
   return data
+
+
+# Keys a run may be resumed with other values of: where the data is, how evaluation is batched,
+# how often it checkpoints and logs. Anything else would mix two configs in one run.
+RESUME_MAY_CHANGE = ("input.archive", "input.data_dir", "input.eval_batch_size",
+                     "checkpoint.every_epochs", "train.log_every_steps",
+                     "train.steps_per_dispatch")
+
+
+def _flatten(tree, prefix=""):
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  return {k: v for key, value in tree.items()
+          for k, v in _flatten(value, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def check_same_config(config, workdir, may_change=RESUME_MAY_CHANGE):
+  """Raises ConfigError when `workdir` holds a run (a checkpoint or results) started with other
+  values for keys outside `may_change` (config.json against `config`). Keys only one side has
+  (added to or dropped from the configs since) are not compared."""
+  old_file = workdir / "config.json"
+  last = workdir / "checkpoints" / "last"
+  started = (workdir / "results.json").exists() or (
+      last.is_dir() and any(p.name.isdigit() for p in last.iterdir()))
+  if not (started and old_file.is_file()):
+    return
+  try:
+    old = _flatten(json.loads(old_file.read_text()))
+  except ValueError as e:
+    raise ConfigError(f"{old_file} is not readable JSON ({e}); restore it from a copy, or use a "
+                      "new --workdir") from e
+  new = _flatten(json.loads(config.to_json_best_effort()))
+  changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in sorted(old.keys() & new.keys())
+             if old[k] != new[k] and k not in may_change]
+  if changed:
+    raise ConfigError(
+        f"{workdir} holds a run started with another config ({old_file}): "
+        + "; ".join(changed) + ". Continuing it would mix the two configs: use a new --workdir "
+        "for the new one, or repeat the run's own values to resume it.")
 
 
 def _train_and_evaluate(config, workdir, data=None):
@@ -417,8 +469,14 @@ def _train_and_evaluate(config, workdir, data=None):
   model = build_model(config.model)
   tx_fn = lambda params: optim.make_optimizer(config.optim, params, steps_per_epoch,
                                               num_epochs)[0]
-  state, shardings = create_train_state(config, model, tx_fn, mesh, train_x.shape[1:],
-                                        train_x.dtype)
+  try:
+    state, shardings = create_train_state(config, model, tx_fn, mesh, train_x.shape[1:],
+                                          train_x.dtype)
+  except (ValueError, TypeError, ZeroDivisionError, re.error) as e:
+    # The model does not fit the images (e.g. more pooling stages than pixels), or the optimiser
+    # config does not fit the model (optim.freeze matching nothing, a bad regex).
+    raise ConfigError(f"config.model / config.optim cannot be set up for {train_x.shape[1:]} "
+                      f"inputs: {type(e).__name__}: {e}") from e
   tx = tx_fn(state.params)
   num_params = count_params(state.params)
 
@@ -564,7 +622,12 @@ def _initialise_from(config, state, shardings):
     loaded = pretrained.load_pretrained(config.pretrained)
     params = pretrained.merge_params(params, loaded, reset_regex=r"^head")
   if config.init_from:
-    src = load_variables(config.init_from)
+    try:
+      src = load_variables(config.init_from)
+    except checkpointing.CheckpointError as e:  # runs.RunError: missing, unfinished, damaged
+      raise ConfigError(f"config.init_from={config.init_from!r}: {e}. Point it at a finished "
+                        "run's workdir or checkpoint (train that run first), or set "
+                        "--config.init_from='' to start without it.") from e
     params = pretrained.merge_params(params, src["params"], reset_regex=None)
     if src.get("batch_stats"):
       batch_stats = pretrained.merge_params(batch_stats, src["batch_stats"], reset_regex=None)
@@ -638,5 +701,5 @@ def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, mode
     fileio.write_json_atomic(workdir / "results.json", results)
   print(f"Best epoch {best_epoch}: val/accuracy {results['val/accuracy']:.4f}, test/accuracy "
         f"{results['test/accuracy']:.4f}, test/macro_f1 {results['test/macro_f1']:.4f} "
-        f"({config.eval.tta} TTA). Results in {workdir}/results.json", flush=True)
+        f"({tta_words(config.eval.tta)}). Results in {workdir}/results.json", flush=True)
   return results

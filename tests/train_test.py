@@ -84,14 +84,15 @@ def test_resume_is_exact_and_completed_run_only_reports(tmp_path, capsys):
   # The same run, stopped after epoch 1 and started again with the same command.
   train.train_and_evaluate(tiny_config(**same, **{"train.num_epochs": 1}), str(resumed))
   (resumed / "results.json").unlink()  # a 1-epoch run "completed"; pretend it was killed
-  r = train.train_and_evaluate(tiny_config(**same), str(resumed))
+  r = train.train_and_evaluate(tiny_config(**same), str(resumed),
+                               resume_may_change=("train.num_epochs",))
   assert "Resuming" in capsys.readouterr().out
   a, b = _params(straight), _params(resumed)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
   assert r == json.loads((straight / "results.json").read_text()) | {
       k: r[k] for k in ("train_seconds", "git_commit")}
-  again = train.train_and_evaluate(tiny_config(), str(straight))
+  again = train.train_and_evaluate(tiny_config(**same), str(straight))
   assert "is complete" in capsys.readouterr().out
   assert again["test/accuracy"] == r["test/accuracy"]
 
@@ -113,15 +114,39 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
   (tmp_path / "results.json").unlink()
   c = tiny_config(**{"train.num_epochs": 3, "optim.learning_rate": 1e12})
   with pytest.raises(train.TrainingDivergedError, match=r"at step \d+.*epoch 1"):
-    train.train_and_evaluate(c, str(tmp_path))
+    train.train_and_evaluate(c, str(tmp_path),
+                             resume_may_change=("train.num_epochs", "optim.learning_rate"))
   assert ocp.CheckpointManager(tmp_path.absolute() / "checkpoints" / "last").all_steps() == [1]
 
 
 def test_changed_optimizer_over_existing_run_is_explained(tmp_path):
+  """Even where the config check is waived, a checkpoint that does not fit says so."""
   train.train_and_evaluate(tiny_config(**{"train.num_epochs": 1}), str(tmp_path))
   (tmp_path / "results.json").unlink()
   with pytest.raises(checkpointing.CheckpointError, match="new --workdir"):
-    train.train_and_evaluate(tiny_config(**{"optim.name": "sgd"}), str(tmp_path))
+    train.train_and_evaluate(tiny_config(**{"train.num_epochs": 1, "optim.name": "sgd"}),
+                             str(tmp_path), resume_may_change=("optim.name",))
+
+
+def test_resuming_with_another_config_is_refused_and_changes_nothing(tmp_path):
+  one = {"train.num_epochs": 1}
+  train.train_and_evaluate(tiny_config(**one), str(tmp_path))
+  before = {f: (tmp_path / f).read_bytes() for f in ("config.json", "results.json")}
+  # A finished run given other values is not reported as if it were their run.
+  with pytest.raises(train.ConfigError, match=r"train.num_epochs 1 -> 2.*new --workdir"):
+    train.train_and_evaluate(tiny_config(), str(tmp_path))
+  (tmp_path / "results.json").unlink()  # killed after its checkpoint
+  with pytest.raises(train.ConfigError,
+                     match=r"model.conv_features \[8, 16\] -> \[8, 32\]; optim.learning_rate"):
+    train.train_and_evaluate(tiny_config(**one, **{"model.conv_features": (8, 32),
+                                                   "optim.learning_rate": 0.5}), str(tmp_path))
+  assert (tmp_path / "config.json").read_bytes() == before["config.json"]
+  # Where the data is, evaluation batching and checkpoint frequency may change on resume.
+  r = train.train_and_evaluate(tiny_config(**one, **{"input.eval_batch_size": 7,
+                                                     "checkpoint.every_epochs": 3}),
+                               str(tmp_path))
+  assert r["test/accuracy"] == json.loads(before["results.json"])["test/accuracy"]
+  assert json.loads((tmp_path / "config.json").read_text())["input"]["eval_batch_size"] == 7
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -135,6 +160,35 @@ def test_bad_config_fails_before_work(tmp_path, key, value, message):
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(tiny_config(**{key: value}), str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model.conv_features", (8,) * 7, r"cannot be set up for \(48, 48, 1\) inputs"),
+    ("optim.freeze", "^nomatch", r"optim.freeze='\^nomatch' matches no parameter"),
+    ("init_from", "/nonexistent/run", r"config.init_from='/nonexistent/run'.*init_from=''"),
+    ("augment.mixup_alpha", -0.5, r"augment.mixup_alpha=-0.5: expected >= 0"),
+])
+def test_configs_that_cannot_work_are_config_errors(tmp_path, key, value, message):
+  """fer.main prints a ConfigError in one line (no traceback): these were tracebacks."""
+  c = tiny_config(**{"train.num_epochs": 1})
+  if "." in key:
+    c[key.split(".")[0]][key.split(".")[1]] = value
+  else:
+    c[key] = value
+  with pytest.raises(train.ConfigError, match=message):
+    train.train_and_evaluate(c, str(tmp_path))
+
+
+@pytest.mark.parametrize("name", sorted(
+    p.stem for p in (REPO / "configs").glob("*.py") if "def get_config" in p.read_text()))
+def test_every_config_takes_runlocal_and_refuses_other_arguments(name):
+  module = __import__(f"configs.{name}", fromlist=["get_config"])
+  c = module.get_config("runlocal")
+  assert c.input.source == "synthetic"
+  if "pretrained" in c and name.startswith("vgg16"):
+    assert c.pretrained.weights == "none"  # no weights file needed for a smoke test
+  with pytest.raises(ValueError, match=f"configs/{name}.py:runlcoal"):
+    module.get_config("runlcoal")
 
 
 def test_unknown_model_is_named(tmp_path):
@@ -268,6 +322,24 @@ def test_eight_devices_match_one(tmp_path):
 ])
 def test_main_reports_config_errors_without_traceback(tmp_path, override, message):
   proc = _run_main(tmp_path / "w", override)
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("config,override,message", [
+    ("configs/cnn.py:runlcoal", "", "unknown config argument 'runlcoal'; expected "
+     "configs/cnn.py:runlocal"),
+    ("configs/nope.py", "", "cannot read the config file"),
+    ("configs/search.py:runlocal", "--config.search.strategy=bayes",
+     "ConfigError: Invalid search config: search.strategy='bayes'"),
+    ("configs/search.py:runlocal", "--config.search.space=smal",
+     "ConfigError: Invalid search config: search.space='smal'"),
+])
+def test_main_reports_bad_config_files_and_search_keys(tmp_path, config, override, message):
+  proc = subprocess.run([sys.executable, "-m", "fer.main", f"--config={config}",
+                         f"--workdir={tmp_path / 'w'}", *filter(None, [override])], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert message in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
