@@ -260,7 +260,7 @@ def main(argv):
   from fer import plots  # pylint: disable=import-outside-toplevel
   from fer import predict  # pylint: disable=import-outside-toplevel
   try:
-    run = predict.load_run(FLAGS.workdir, FLAGS.checkpoint)
+    run = runs.load_for_cli(FLAGS.workdir, FLAGS.checkpoint)
     if len(argv) > 1:
       detector = None if FLAGS.no_detect else faces_lib.FaceDetector()
     else:

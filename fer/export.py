@@ -194,14 +194,13 @@ def main(argv):
   if not FLAGS.output:
     raise app.UsageError("--output is required")
   logging.set_verbosity(logging.ERROR)  # orbax's notes on read-only managers are noise here
-  from fer import predict  # pylint: disable=import-outside-toplevel
   try:
     platforms = check_platforms(FLAGS.platforms)  # before loading the run
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   try:
-    run = predict.load_run(FLAGS.workdir, FLAGS.checkpoint)
+    run = runs.load_for_cli(FLAGS.workdir, FLAGS.checkpoint)
     out = write_export(run, FLAGS.output, FLAGS.tta, platforms, FLAGS.overwrite)
   except (runs.RunError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)

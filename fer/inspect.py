@@ -269,8 +269,7 @@ def main(argv):
   if not FLAGS.workdir and not FLAGS.checkpoint:
     raise app.UsageError("Pass --workdir (a trained run) or --checkpoint (a checkpoint folder)")
   logging.set_verbosity(logging.ERROR)
-  from fer import predict  # pylint: disable=import-outside-toplevel
-  predict.quiet_orbax_read_noise()  # --compare restores arrays
+  runs.quiet_orbax_read_noise()  # --compare restores arrays
   report, ok = inspect_run(FLAGS.workdir, FLAGS.checkpoint, FLAGS.compare,
                            FLAGS.show_config)
   sys.stdout.write(report)

@@ -27,7 +27,6 @@ xla_flags.configure_cpu_defaults()  # before jax starts its backend; a no-op off
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import csv
 import dataclasses
-import gc
 import io
 import json
 import math
@@ -35,7 +34,6 @@ import os
 import pathlib
 import sys
 import time
-import types
 from typing import Callable, Sequence, TextIO
 
 from absl import app
@@ -338,39 +336,6 @@ def val_accuracy_line(run: runs.Run, tta: str) -> str:
   return line if tta == "none" else f"{line}; predicting with {tta} TTA"
 
 
-def quiet_orbax_read_noise():
-  """Drops what orbax leaves behind when a damaged checkpoint fails to restore, which Python
-  prints as 'Exception ignored' tracebacks after the clean error, a few or dozens, at random:
-  its abandoned read coroutines, raising when collected, and TensorStore's callbacks into its
-  closed event loop ('RuntimeError: Event loop is closed'). Installed for the rest of the
-  process (for the CLIs); every other unraisable exception is still reported."""
-  previous = sys.unraisablehook
-  if getattr(previous, "quiets_orbax", False):
-    return
-
-  def hook(unraisable):
-    exc, obj = unraisable.exc_value, unraisable.object
-    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-      return
-    if (isinstance(obj, types.CoroutineType) and
-        f"{os.sep}orbax{os.sep}" in obj.cr_code.co_filename):
-      return
-    previous(unraisable)
-
-  hook.quiets_orbax = True
-  sys.unraisablehook = hook
-
-
-def load_run(workdir, checkpoint) -> runs.Run:
-  """runs.load for a CLI: a damaged checkpoint's RunError without orbax's leftover noise."""
-  quiet_orbax_read_noise()
-  try:
-    return runs.load(workdir, checkpoint)
-  except runs.RunError:
-    gc.collect()  # the abandoned reads are collected now, under the filter, not at exit
-    raise
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -385,7 +350,7 @@ def main(argv):
     if fmt not in ("json", "csv"):
       raise app.UsageError("--output needs --format=json or --format=csv (or a .json/.csv name)")
   try:
-    run = load_run(FLAGS.workdir, FLAGS.checkpoint)
+    run = runs.load_for_cli(FLAGS.workdir, FLAGS.checkpoint)
     detector = (None if FLAGS.no_detect else
                 faces_lib.FaceDetector(min_size=FLAGS.min_face))
   except (runs.RunError, RuntimeError) as e:

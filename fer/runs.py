@@ -18,8 +18,12 @@ RunError with a message naming the path and what is wrong.
 """
 
 import dataclasses
+import gc
 import json
+import os
 import pathlib
+import sys
+import types
 from typing import Any
 
 import jax
@@ -300,3 +304,36 @@ def check_face_input(model, variables, config):
   if out.shape != (1, fer2013.NUM_CLASSES):
     raise RunError(f"The model of this run outputs {out.shape} for one face, not "
                    f"(1, {fer2013.NUM_CLASSES})")
+
+
+def quiet_orbax_read_noise():
+  """Drops what orbax leaves behind when a damaged checkpoint fails to restore, which Python
+  prints as 'Exception ignored' tracebacks after the clean error, a few or dozens, at random:
+  its abandoned read coroutines, raising when collected, and TensorStore's callbacks into its
+  closed event loop ('RuntimeError: Event loop is closed'). Installed for the rest of the
+  process (for the CLIs); every other unraisable exception is still reported."""
+  previous = sys.unraisablehook
+  if getattr(previous, "quiets_orbax", False):
+    return
+
+  def hook(unraisable):
+    exc, obj = unraisable.exc_value, unraisable.object
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    if (isinstance(obj, types.CoroutineType) and
+        f"{os.sep}orbax{os.sep}" in obj.cr_code.co_filename):
+      return
+    previous(unraisable)
+
+  hook.quiets_orbax = True
+  sys.unraisablehook = hook
+
+
+def load_for_cli(workdir, checkpoint) -> Run:
+  """load() for a CLI: a damaged checkpoint's RunError without orbax's leftover noise."""
+  quiet_orbax_read_noise()
+  try:
+    return load(workdir, checkpoint)
+  except RunError:
+    gc.collect()  # the abandoned reads are collected now, under the filter, not at exit
+    raise

@@ -277,11 +277,11 @@ def test_orbax_leftovers_of_a_failed_restore_are_dropped_and_nothing_else(monkey
   the CLI's clean error. The filter drops those two, and only those."""
   reported = []
   monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.append(u.exc_value))
-  predict.quiet_orbax_read_noise()
-  predict.quiet_orbax_read_noise()  # once is enough: not stacked
+  runs.quiet_orbax_read_noise()
+  runs.quiet_orbax_read_noise()  # once is enough: not stacked
   for _ in range(3):  # orbax leaves some noise in most of 3 tries, none in a few
     with pytest.raises(runs.RunError, match="the checkpoint is damaged"):
-      predict.load_run(damaged, None)
+      runs.load_for_cli(damaged, None)
   gc.collect()
   assert not reported, reported
   # Deterministically: the two kinds, as Python hands them to the hook, and one of ours.
