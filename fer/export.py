@@ -108,7 +108,7 @@ def export_predict(model, variables: dict, tta: str, platforms=("cpu", "cuda")):
 README = """\
 # FER2013 facial-expression classifier
 
-Exported with `python -m fer.export` from {checkpoint} (epoch {epoch}, val/accuracy
+Exported with `python -m fer.export` from {checkpoint} (epoch {epoch},
 {val_accuracy}). Loading needs numpy, jax ({jax_version} or a later release; jax keeps
 serialized functions loadable for at least six months of releases) and flatbuffers (which
 `jax.export.deserialize` imports), not the training code:
@@ -168,8 +168,7 @@ def write_export(run: runs.Run, output, tta: str | None = None, platforms=("cpu"
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     (tmp / README_FILE).write_text(README.format(
         checkpoint=run.checkpoint.path, epoch=run.checkpoint.epoch,
-        val_accuracy=("?" if run.checkpoint.val_accuracy is None else
-                      f"{run.checkpoint.val_accuracy:.4f}"), jax_version=jax.__version__,
+        val_accuracy=runs.val_accuracy_line(run, tta), jax_version=jax.__version__,
         model_file=MODEL_FILE, params_file=PARAMS_FILE, classes=CLASSES, tta=tta,
         platforms=", ".join(exported.platforms)))
     for f in tmp.iterdir():

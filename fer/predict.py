@@ -316,26 +316,6 @@ def annotate(results: Results, out_dir, files: Sequence[str] | None = None) -> l
   return written
 
 
-def val_accuracy_line(run: runs.Run, tta: str) -> str:
-  """'val/accuracy A with|without TTA': results.json's figure when it is for this checkpoint's
-  epoch and `tta` (the run's final evaluation, with its eval.tta), else the checkpoint's own,
-  which the epoch's evaluation measured without TTA."""
-  step_dir = run.checkpoint.path
-  results = {}
-  if step_dir.parent.parent.name == "checkpoints":  # RUN/checkpoints/<kind>/<epoch>
-    try:
-      results = json.loads((step_dir.parents[2] / "results.json").read_text())
-    except (OSError, ValueError):
-      pass
-  final = results.get("val/accuracy") if isinstance(results, dict) else None
-  if (isinstance(final, float) and results.get("tta") == tta and
-      results.get("best_epoch") == run.checkpoint.epoch):
-    return f"val/accuracy {final:.4f} {'without TTA' if tta == 'none' else f'with {tta} TTA'}"
-  acc = run.checkpoint.val_accuracy
-  line = f"val/accuracy {'?' if acc is None else f'{acc:.4f}'} without TTA"
-  return line if tta == "none" else f"{line}; predicting with {tta} TTA"
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -358,7 +338,7 @@ def main(argv):
     return 2
   tta = FLAGS.tta or run.config.eval.get("tta", "none")
   print(f"Model: {run.checkpoint.path} (epoch {run.checkpoint.epoch}, "
-        f"{val_accuracy_line(run, tta)})", file=sys.stderr, flush=True)
+        f"{runs.val_accuracy_line(run, tta)})", file=sys.stderr, flush=True)
   results = predict_files(run, paths, detector, FLAGS.margin, tta, FLAGS.batch_size)
   text = {"json": to_json, "csv": to_csv, "table": to_table}[fmt](results)
   if FLAGS.output:

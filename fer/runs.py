@@ -306,6 +306,26 @@ def check_face_input(model, variables, config):
                    f"(1, {fer2013.NUM_CLASSES})")
 
 
+def val_accuracy_line(run: Run, tta: str) -> str:
+  """'val/accuracy A with|without TTA': results.json's figure when it is for this checkpoint's
+  epoch and `tta` (the run's final evaluation, with its eval.tta), else the checkpoint's own,
+  which the epoch's evaluation measured without TTA."""
+  step_dir = run.checkpoint.path
+  results = {}
+  if step_dir.parent.parent.name == "checkpoints":  # RUN/checkpoints/<kind>/<epoch>
+    try:
+      results = json.loads((step_dir.parents[2] / "results.json").read_text())
+    except (OSError, ValueError):
+      pass
+  final = results.get("val/accuracy") if isinstance(results, dict) else None
+  if (isinstance(final, float) and results.get("tta") == tta and
+      results.get("best_epoch") == run.checkpoint.epoch):
+    return f"val/accuracy {final:.4f} {'without TTA' if tta == 'none' else f'with {tta} TTA'}"
+  acc = run.checkpoint.val_accuracy
+  line = f"val/accuracy {'?' if acc is None else f'{acc:.4f}'} without TTA"
+  return line if tta == "none" else f"{line}; predicting with {tta} TTA"
+
+
 def quiet_orbax_read_noise():
   """Drops what orbax leaves behind when a damaged checkpoint fails to restore, which Python
   prints as 'Exception ignored' tracebacks after the clean error, a few or dozens, at random:

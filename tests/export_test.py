@@ -54,6 +54,8 @@ def test_exported_and_in_process_predictions_agree(run, exported_dir):
 
 def test_readme_snippet_runs_without_this_codebase(exported_dir):
   readme = (exported_dir / export.README_FILE).read_text()
+  # The accuracy it names is for the TTA built in (the tiny run's own: none).
+  assert "val/accuracy" in readme and "without TTA" in readme
   snippet = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
   guard = "import importlib.util\nassert importlib.util.find_spec('fer') is None\n"
   # -I: no PYTHONPATH, no user site, not even the current folder on sys.path.

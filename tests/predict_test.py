@@ -240,17 +240,17 @@ def test_the_val_accuracy_printed_is_the_one_of_the_tta_used(tmp_path):
   checkpoint's own is its epoch's evaluation, without TTA (strong_seed_s0: 0.6601 and 0.6532)."""
   step_dir = tmp_path / "checkpoints" / "best" / "86"
   run = runs.Run(None, None, {}, runs.CheckpointInfo("best", step_dir, 86, 11200, 0.6532))
-  assert predict.val_accuracy_line(run, "tencrop") == (
+  assert runs.val_accuracy_line(run, "tencrop") == (
       "val/accuracy 0.6532 without TTA; predicting with tencrop TTA")  # no results.json
   (tmp_path / "results.json").write_text(json.dumps(
       {"val/accuracy": 0.6601, "tta": "tencrop", "best_epoch": 86}))
-  assert predict.val_accuracy_line(run, "tencrop") == "val/accuracy 0.6601 with tencrop TTA"
-  assert predict.val_accuracy_line(run, "none") == "val/accuracy 0.6532 without TTA"
-  assert predict.val_accuracy_line(run, "flip") == (
+  assert runs.val_accuracy_line(run, "tencrop") == "val/accuracy 0.6601 with tencrop TTA"
+  assert runs.val_accuracy_line(run, "none") == "val/accuracy 0.6532 without TTA"
+  assert runs.val_accuracy_line(run, "flip") == (
       "val/accuracy 0.6532 without TTA; predicting with flip TTA")
   run.checkpoint = runs.CheckpointInfo("path", tmp_path / "checkpoints" / "last" / "99", 99,
                                        11088, 0.6487)
-  assert predict.val_accuracy_line(run, "tencrop") == (
+  assert runs.val_accuracy_line(run, "tencrop") == (
       "val/accuracy 0.6487 without TTA; predicting with tencrop TTA")  # not the best epoch
 
 
