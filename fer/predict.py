@@ -69,6 +69,9 @@ def define_flags():
                      "box's side added on each side.")
   flags.DEFINE_integer("min_face", 24, "Smallest face searched for, in pixels.")
   flags.DEFINE_integer("batch_size", 256, "Faces per model call.")
+  flags.DEFINE_bool("calibrate", False, "Temperature-scale the probabilities with the run's "
+                    "temperature (fit on val at the end of training; results.json): "
+                    "confidences that match accuracy. The predicted emotions stay the same.")
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -102,6 +105,7 @@ class Results:
   problems: list[Problem]
   checkpoint: str = ""
   tta: str = "none"
+  temperature: float | None = None  # probabilities calibrated with it (--calibrate), or raw
 
 
 # ----------------------------------------------------------------------------- finding files
@@ -200,10 +204,12 @@ def make_classifier(run: runs.Run, tta: str, batch_size: int = 256) -> Callable:
 def predict_files(run: runs.Run, paths: Sequence[str], detector=None, margin: float = 0.1,
                   tta: str | None = None, batch_size: int = 256,
                   progress_stream: TextIO | None = sys.stderr,
-                  progress_every_seconds: float = 2.0) -> Results:
+                  progress_every_seconds: float = 2.0,
+                  temperature: float | None = None) -> Results:
   """Every face in `paths` (files and folders), classified with `run`'s model.
 
   `detector` (detect(grey) -> [Box]) finds the faces; None takes each image as a cropped face.
+  With a `temperature`, the probabilities are temperature-scaled (metrics.apply_temperature).
   """
   tta = tta or run.config.eval.get("tta", "none")
   files, problems = find_images(paths)
@@ -212,13 +218,16 @@ def predict_files(run: runs.Run, paths: Sequence[str], detector=None, margin: fl
   problems += more
   probs = (make_classifier(run, tta, batch_size)(images) if len(images) else
            np.zeros((0, len(CLASSES))))
+  if temperature and len(probs):
+    from fer import metrics  # pylint: disable=import-outside-toplevel
+    probs = metrics.apply_temperature(probs, temperature)
   results, counts = [], {}
   for (file, box), p in zip(where, probs):
     counts[file] = counts.get(file, 0) + 1
     results.append(FaceResult(file, counts[file], box, np.asarray(p, np.float64)))
   order = {f: i for i, f in enumerate(files)}
   problems.sort(key=lambda pr: order.get(pr.file, -1))
-  return Results(results, problems, str(run.checkpoint.path), tta)
+  return Results(results, problems, str(run.checkpoint.path), tta, temperature)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -228,6 +237,7 @@ def to_json(results: Results) -> str:
   return json.dumps({
       "checkpoint": results.checkpoint,
       "tta": results.tta,
+      "temperature": results.temperature,
       "classes": list(CLASSES),
       "faces": [{"file": r.file, "face": r.face, "box": list(r.box), "emotion": r.emotion,
                  "probability": r.probability,
@@ -339,7 +349,18 @@ def main(argv):
   tta = FLAGS.tta or run.config.eval.get("tta", "none")
   print(f"Model: {run.checkpoint.path} (epoch {run.checkpoint.epoch}, "
         f"{runs.val_accuracy_line(run, tta)})", file=sys.stderr, flush=True)
-  results = predict_files(run, paths, detector, FLAGS.margin, tta, FLAGS.batch_size)
+  temperature = None
+  if FLAGS.calibrate:
+    temperature = runs.final_results(run).get("temperature")
+    if temperature is None:
+      print(f"error: --calibrate: {run.checkpoint.path} has no fitted temperature (the run's "
+            "results.json has none: an unfinished run, a checkpoint outside a run, or a run "
+            "finished before calibration was added); drop --calibrate", file=sys.stderr)
+      return 2
+    print(f"Probabilities calibrated with temperature {temperature:.3f} (fit on val by the "
+          "run's final evaluation).", file=sys.stderr, flush=True)
+  results = predict_files(run, paths, detector, FLAGS.margin, tta, FLAGS.batch_size,
+                          temperature=temperature)
   text = {"json": to_json, "csv": to_csv, "table": to_table}[fmt](results)
   if FLAGS.output:
     fileio.write_text_atomic(FLAGS.output, text)

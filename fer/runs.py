@@ -306,18 +306,25 @@ def check_face_input(model, variables, config):
                    f"(1, {fer2013.NUM_CLASSES})")
 
 
+def final_results(run: Run) -> dict:
+  """The results.json of the run holding `run`'s checkpoint (its final evaluation, of its best
+  checkpoint with its eval.tta); {} for a checkpoint outside a run or an unfinished run."""
+  step_dir = run.checkpoint.path
+  if step_dir.parent.parent.name != "checkpoints":  # RUN/checkpoints/<kind>/<epoch>
+    return {}
+  try:
+    results = json.loads((step_dir.parents[2] / "results.json").read_text())
+  except (OSError, ValueError):
+    return {}
+  return results if isinstance(results, dict) else {}
+
+
 def val_accuracy_line(run: Run, tta: str) -> str:
   """'val/accuracy A with|without TTA': results.json's figure when it is for this checkpoint's
   epoch and `tta` (the run's final evaluation, with its eval.tta), else the checkpoint's own,
   which the epoch's evaluation measured without TTA."""
-  step_dir = run.checkpoint.path
-  results = {}
-  if step_dir.parent.parent.name == "checkpoints":  # RUN/checkpoints/<kind>/<epoch>
-    try:
-      results = json.loads((step_dir.parents[2] / "results.json").read_text())
-    except (OSError, ValueError):
-      pass
-  final = results.get("val/accuracy") if isinstance(results, dict) else None
+  results = final_results(run)
+  final = results.get("val/accuracy")
   if (isinstance(final, float) and results.get("tta") == tta and
       results.get("best_epoch") == run.checkpoint.epoch):
     return f"val/accuracy {final:.4f} {'without TTA' if tta == 'none' else f'with {tta} TTA'}"

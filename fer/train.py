@@ -657,7 +657,7 @@ def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, mode
     # Ten-crop TTA over PrivateTest takes minutes on a CPU: say what runs and how long it took.
     if is_primary():
       print(f"Evaluating the best checkpoint (epoch {best_epoch}) on {split}: "
-            f"{len(data[split]['label'])} images, {config.eval.tta} TTA ...", flush=True)
+            f"{len(data[split]['label'])} images, {tta_words(config.eval.tta)} ...", flush=True)
     start = time.perf_counter()
     probs = predict_probs(predict, variables, data[split]["image"],
                           config.input.eval_batch_size, mesh)

@@ -18,6 +18,7 @@ from PIL import Image
 import pytest
 
 from fer import faces
+from fer import metrics
 from fer import predict
 from fer import runs
 from fer import train
@@ -344,6 +345,29 @@ def test_annotate_draws_boxes_and_never_overwrites_inputs(tmp_path):
   drawn = np.asarray(Image.open(tmp_path / "a_1.jpg")).astype(int)
   assert np.abs(drawn - original).max() > 100  # a box was drawn
   assert drawn.shape == original.shape
+
+
+def test_calibrate_scales_with_the_runs_temperature(tmp_path, run, synthetic_faces):
+  for i in range(3):
+    Image.fromarray(synthetic_faces[i, ..., 0]).save(tmp_path / f"face{i}.png")
+  temperature = runs.final_results(run)["temperature"]  # fit on val by the tiny run's end
+  raw = predict.predict_files(run, [tmp_path], None, progress_stream=None)
+  scaled = predict.predict_files(run, [tmp_path], None, progress_stream=None,
+                                 temperature=temperature)
+  for a, b in zip(raw.faces, scaled.faces):
+    np.testing.assert_allclose(b.probs, metrics.apply_temperature(a.probs[None], temperature)[0])
+    assert a.emotion == b.emotion
+  proc = trained_run.run_module("fer.predict", f"--workdir={run.checkpoint.path.parents[2]}",
+                                "--no_detect", "--calibrate", "--format=json", tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(proc.stdout)["temperature"] == pytest.approx(temperature)
+  assert f"calibrated with temperature {temperature:.3f}" in proc.stderr
+  # A checkpoint copied out of its run (with its config) has no results.json: no temperature.
+  shutil.copytree(run.checkpoint.path, tmp_path / "alone" / "ckpt")
+  shutil.copy(run.checkpoint.path.parents[2] / "config.json", tmp_path / "alone")
+  alone = trained_run.run_module("fer.predict", f"--checkpoint={tmp_path / 'alone' / 'ckpt'}",
+                                 "--no_detect", "--calibrate", tmp_path)
+  assert alone.returncode == 2 and "no fitted temperature" in alone.stderr, alone.stderr[-2000:]
 
 
 def test_cli(tmp_path, run, synthetic_faces):
