@@ -1,8 +1,11 @@
-"""The data report, end to end on synthetic faces and on a tiny archive with planted duplicates."""
+"""The data report, end to end on synthetic faces and on a tiny archive with planted duplicates;
+near duplicates on synthetic photographs with planted re-encoded, brighter and shifted copies."""
 
+import io
 import json
 
 import numpy as np
+from PIL import Image
 import pytest
 
 import fer2013_fakes as fakes
@@ -11,7 +14,7 @@ from fer import data_report
 from fer.datasets import fer2013
 
 FIGURES = ("class_distribution.png", "class_distribution_train.png",
-           "class_distribution_val.png", "class_distribution_test.png")
+           "class_distribution_val.png", "class_distribution_test.png", "near_duplicates.png")
 
 
 @pytest.fixture(autouse=True)
@@ -28,8 +31,11 @@ def test_config():
 
 def test_runlocal_report(tmp_path):
   config = data_report_config.get_config("runlocal")
+  # A third of runlocal's faces: the cartoon faces are near copies of seven templates, whose
+  # thousands of candidate pairs would take the near-duplicate search seconds.
+  config.input.synthetic_train_size = 240
   data_report.run(config, tmp_path)
-  for name in FIGURES + ("data_report.md", "duplicates.json"):
+  for name in FIGURES + ("data_report.md", "duplicates.json", "near_duplicates.json"):
     assert (tmp_path / name).stat().st_size > 0, name
   assert (tmp_path / "class_distribution.png").read_bytes()[:4] == b"\x89PNG"
   report = json.loads((tmp_path / "data_report.json").read_text())
@@ -70,6 +76,17 @@ def test_report_on_an_archive_with_planted_duplicates(tmp_path):
       "train/happy/Training_9002.jpg"]
   md = (tmp_path / "report" / "data_report.md").read_text()
   assert "| happy | 4 (25.0%)" in md and "`test/sad/PrivateTest_9003.jpg` (test: sad)" in md
+  # Near duplicates hold the exact ones (the three copies: three pairs) and nothing else: the
+  # other faces are independent noise.
+  near = saved["near_duplicates"]
+  assert near["summary"]["pairs"] == near["summary"]["identical_pairs"] == 3
+  assert near["within"]["train"]["pairs"] == 1
+  assert near["across"]["train-test"] == {"pairs": 2, "images_in_train": 2, "images_in_test": 1,
+                                          "label_conflict_pairs": 2}
+  listed = json.loads((tmp_path / "report" / "near_duplicates.json").read_text())
+  assert [p["similarity"] for p in listed["pairs"]] == [1.0] * 3
+  assert "## Near duplicates" in md and "| train-test | 2 | 2 (12.5%) | 1 (6.7%) | 2 |" in md
+  assert (tmp_path / "report" / "near_duplicates.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_find_duplicates_counts_constant_images_and_within_split_conflicts():
@@ -85,3 +102,126 @@ def test_find_duplicates_counts_constant_images_and_within_split_conflicts():
   assert d["across"]["train-val"] == {"shared_images": 1, "images_in_val": 2,
                                       "label_conflicts": 1}
   assert d["groups"][0]["members"][0]["file"] == "train[1]"
+
+
+def _photos(n: int, seed: int) -> np.ndarray:
+  """n distinct smooth random 'photographs', uint8 [n, 48, 48, 1]: Gaussian noise drawn at 6, 12
+  and 24 px and upsampled (shading, features, texture), so that shifts and JPEG act on them as
+  on faces; FER-like random noise images would be no test of alignment."""
+  rng = np.random.default_rng(seed)
+  out = np.full((n, 48, 48), 128, np.float32)
+  for size, amplitude in ((6, 40), (12, 25), (24, 12)):
+    for k, noise in enumerate(rng.normal(0, amplitude, (n, size, size)).astype(np.float32)):
+      out[k] += np.asarray(Image.fromarray(noise, "F").resize((48, 48), Image.BICUBIC))
+  return np.clip(out, 0, 255).astype(np.uint8)[..., None]
+
+
+def _jpeg(image: np.ndarray, quality: int = 50) -> np.ndarray:
+  buffer = io.BytesIO()
+  Image.fromarray(image[..., 0]).save(buffer, format="JPEG", quality=quality)
+  return np.asarray(Image.open(buffer))[..., None]
+
+
+def _brighter(image: np.ndarray, by: int = 30) -> np.ndarray:
+  return np.clip(image.astype(int) + by, 0, 255).astype(np.uint8)
+
+
+def _shifted(image: np.ndarray, dx: int = 1) -> np.ndarray:
+  return np.pad(image, ((0, 0), (dx, 0), (0, 0)), mode="edge")[:, :48]
+
+
+def _zoomed(image: np.ndarray, factor: float = 1.05) -> np.ndarray:
+  size = round(48 * factor)
+  big = np.asarray(Image.fromarray(image[..., 0]).resize((size, size), Image.BILINEAR))
+  o = (size - 48) // 2
+  return big[o:o + 48, o:o + 48, None]
+
+
+def _splits(**images) -> dict:
+  return {s: {"image": x, "label": np.zeros(len(x), np.int32)} for s, x in images.items()}
+
+
+def _found(near: dict) -> set:
+  return {(p["a"]["split"], p["a"]["index"], p["b"]["split"], p["b"]["index"])
+          for p in near["pairs"]}
+
+
+def test_aligned_similarity_of_copies_and_of_different_images():
+  photos = _photos(12, seed=0)
+  copies = {"jpeg": _jpeg(photos[0]), "brighter": _brighter(photos[1], 30),
+            "darker": _brighter(photos[2], -30), "shift 1": _shifted(photos[3], 1),
+            "shift 3": _shifted(photos[4], 3), "zoom 5%": _zoomed(photos[5], 1.05),
+            "jpeg + shift": _jpeg(_shifted(photos[6], 2)), "zoom 10%": _zoomed(photos[7], 1.1)}
+  images = np.concatenate([photos, np.stack(list(copies.values()))])
+  pairs = np.array([(k, 12 + k) for k in range(len(copies))] + [(k, k + 1) for k in range(11)])
+  sim = data_report.aligned_similarity(images, pairs)
+  for name, s in zip(copies, sim):  # 0.995-1 and 0.93 here; without the zoom search 0.96 and
+    assert s >= (0.9 if name == "zoom 10%" else 0.98), (name, s)  # 0.81, without shifts 0.5
+  assert np.abs(sim[len(copies):]).max() < 0.5, sim[len(copies):]  # different photographs
+  # Different photographs under the same strong lighting (2x2 noise upsampled): their pixels
+  # correlate at 0.8-0.95, their band-passed pixels (edges, texture) under 0.5.
+  light = np.stack([np.asarray(Image.fromarray(z, "F").resize((48, 48), Image.BICUBIC))
+                    for z in np.random.default_rng(9).normal(0, 60, (8, 2, 2)).astype(np.float32)])
+  lit = lambda x: np.clip((x - 128.0) * 0.5 + light[..., None] + 128, 0, 255).astype(np.uint8)
+  same_light = np.concatenate([lit(_photos(8, seed=10)), lit(_photos(8, seed=11))])
+  sim = data_report.aligned_similarity(same_light, np.array([(k, 8 + k) for k in range(8)]))
+  assert sim.max() < 0.5, sim
+  assert data_report.aligned_similarity(images, np.array([(0, 0)]))[0] == pytest.approx(1, abs=1e-5)
+
+
+def test_near_duplicates_across_splits_are_found_and_distinct_images_are_not():
+  train, val, test = _photos(40, seed=1), _photos(12, seed=2), _photos(12, seed=3)
+  test[0] = _jpeg(train[0])  # re-encoded
+  val[0] = _brighter(train[1], 30)
+  test[1] = _shifted(val[1], 1)
+  test[2] = train[2]  # identical: a near pair of similarity 1 too
+  near = data_report.find_near_duplicates(_splits(train=train, val=val, test=test))
+  assert _found(near) == {("train", 0, "test", 0), ("train", 1, "val", 0), ("val", 1, "test", 1),
+                          ("train", 2, "test", 2)}
+  by_pair = {(p["a"]["index"], p["b"]["split"], p["b"]["index"]): p for p in near["pairs"]}
+  assert by_pair[2, "test", 2]["similarity"] == 1.0 and by_pair[2, "test", 2]["exact"]
+  assert not by_pair[0, "test", 0]["exact"]
+  assert min(p["similarity"] for p in near["pairs"]) >= data_report.NEAR_THRESHOLD
+  assert near["across"]["train-test"] == {"pairs": 2, "images_in_train": 2, "images_in_test": 2,
+                                          "label_conflict_pairs": 0}
+  assert near["across"]["train-val"]["pairs"] == near["across"]["val-test"]["pairs"] == 1
+  assert all(w["pairs"] == w["images"] == 0 for w in near["within"].values())
+  assert near["summary"]["identical_pairs"] == 1 and near["summary"]["groups"] == 4
+  assert near["pairs"][0]["a"]["split"] == "train" and near["pairs"][0]["b"]["split"] == "val"
+
+
+def test_near_duplicate_label_conflicts_and_groups():
+  train, test = _photos(30, seed=4), _photos(10, seed=5)
+  train[5] = _jpeg(train[0])
+  test[0] = _shifted(train[0], 1)  # a group of three: train 0, train 5, test 0
+  test[1] = _brighter(train[3], -25)
+  splits = _splits(train=train, test=test)
+  splits["train"]["label"][5] = 3  # train 0 is 0: a conflict within train...
+  splits["test"]["label"][1] = 4  # ...and one across, train 3 (0) against test 1 (4)
+  near = data_report.find_near_duplicates(splits)
+  assert near["within"]["train"] == {"pairs": 1, "images": 2, "label_conflict_pairs": 1}
+  assert near["across"]["train-test"]["pairs"] == 3
+  assert near["across"]["train-test"]["label_conflict_pairs"] == 2  # test 0 (0) vs train 5 (3)
+  assert near["summary"]["label_conflict_groups"] == 2 and near["summary"]["groups"] == 2
+  assert [g["images"] for g in near["groups"]] == [3, 2]
+  md = data_report._markdown({
+      "source": "synthetic", "protocol": "standard", "split_seed": 0,
+      "counts": {s: data_report.class_counts(splits[s]["label"]) for s in ("train", "test")}
+      | {"val": data_report.class_counts(np.zeros(0, np.int32))},
+      "totals": {"train": 30, "val": 0, "test": 10},
+      "duplicates": data_report.find_duplicates(splits), "near_duplicates": near})
+  assert "`train[3]` (train: angry), `test[1]` (test: sad)" in md
+
+
+def test_near_duplicates_of_constant_images():
+  photo = _photos(1, seed=6)
+  blank = lambda level, n=1: np.full((n, 48, 48, 1), level, np.uint8)
+  splits = _splits(train=np.concatenate([blank(0, 2), blank(255), photo]),
+                   val=blank(0), test=blank(7, 2))
+  near = data_report.find_near_duplicates(splits)
+  assert near["summary"]["flat_images"] == 6 and near["summary"]["candidate_pairs"] == 0
+  assert _found(near) == {("train", 0, "train", 1), ("train", 0, "val", 0),
+                          ("train", 1, "val", 0), ("test", 0, "test", 1)}
+  assert all(p["exact"] and p["similarity"] == 1.0 for p in near["pairs"])
+  assert data_report.find_near_duplicates(_splits(train=blank(0, 3), test=blank(9)))[
+      "summary"]["pairs"] == 3
