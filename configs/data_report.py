@@ -1,13 +1,14 @@
-r"""The data report: class distributions of train/val/test and exact duplicates.
+r"""The data report: class distributions of train/val/test, exact and near duplicates.
 
   python -m fer.main --config=configs/data_report.py --workdir=runs/data_report
   python -m fer.main --config=configs/data_report.py --workdir=runs/data_report_seed \
       --config.input.protocol=seed
   python -m fer.main --config=configs/data_report.py:runlocal --workdir=/tmp/data_report
 
-Writes class_distribution*.png, data_report.json (counts[split][class]), data_report.md and
-duplicates.json into the workdir. On a 2-core CPU: ~15 s the first time (building the TFDS
-dataset from archive.zip), ~5 s afterwards; runlocal (synthetic faces) ~2 s.
+Writes class_distribution*.png, data_report.json (counts[split][class], exact and near
+duplicates), data_report.md, duplicates.json, near_duplicates.json and near_duplicates.png into
+the workdir. On the 2-core CPU: about 20 s (15 s of it the near-duplicate search), plus ~15 s
+the first time (building the TFDS dataset from archive.zip); runlocal (synthetic faces) ~10 s.
 """
 
 from configs import common

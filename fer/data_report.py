@@ -47,7 +47,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-from matplotlib.figure import Figure
 import numpy as np
 
 from fer import fileio
@@ -488,25 +487,15 @@ def near_duplicate_figure(near: dict, splits: dict[str, dict[str, np.ndarray]], 
   shown = sorted(shown, key=lambda p: p["similarity"])
   picks = sorted(set(np.linspace(0, len(shown) - 1, min(NEAR_FIGURE_PAIRS, len(shown)))
                      .round().astype(int).tolist())) if shown else []
-  columns = 4
-  rows = max(1, -(-len(picks) // columns))
-  fig = Figure(figsize=(2.6 * columns, 2.1 * rows))
-  axes = fig.subplots(rows, 2 * columns, squeeze=False)
-  for ax in axes.ravel():
-    ax.axis("off")
-  for k, pick in enumerate(picks):
+  items = []
+  for pick in picks:
     p = shown[pick]
-    for side, m in enumerate((p["a"], p["b"])):
-      ax = axes[k // columns, 2 * (k % columns) + side]
-      ax.imshow(splits[m["split"]]["image"][m["index"]].reshape(IMAGE_SIZE, IMAGE_SIZE),
-                cmap="gray", vmin=0, vmax=255)
-      ax.set_title(f"{m['split']}: {m['label']}\n{m['file'].rsplit('/', 1)[-1]}", fontsize=6,
-                   color="tab:red" if p["label_conflict"] else "black")
-    axes[k // columns, 2 * (k % columns)].text(
-        1.04, -0.08, f"similarity {p['similarity']:.3f}", transform=axes[
-            k // columns, 2 * (k % columns)].transAxes, ha="center", va="top", fontsize=7)
-  fig.suptitle(f"{title} (red: labels disagree)", fontsize=9)
-  return plots._save(fig, path)  # pylint: disable=protected-access
+    faces = [splits[m["split"]]["image"][m["index"]].reshape(IMAGE_SIZE, IMAGE_SIZE)
+             for m in (p["a"], p["b"])]
+    titles = [f"{m['split']}: {m['label']}\n{m['file'].rsplit('/', 1)[-1]}"
+              for m in (p["a"], p["b"])]
+    items.append((faces, titles, f"similarity {p['similarity']:.3f}", p["label_conflict"]))
+  return plots.image_pairs(items, path, f"{title} (red: labels disagree)")
 
 
 def run(config, workdir) -> dict:

@@ -230,6 +230,26 @@ def reliability_diagram(panels: Mapping[str, Mapping[str, tuple]], path,
   return _save(fig, path)
 
 
+def image_pairs(items, path, title="", columns=4) -> pathlib.Path:
+  """Grey images side by side in pairs, `columns` pairs a row: items of ((image a, image b),
+  (title a, title b), caption under the pair, highlight: titles in red)."""
+  rows = max(1, -(-len(items) // columns))
+  fig = Figure(figsize=(2.6 * columns, 2.1 * rows))
+  axes = fig.subplots(rows, 2 * columns, squeeze=False)
+  for ax in axes.ravel():
+    ax.axis("off")
+  for k, (images, titles, caption, highlight) in enumerate(items):
+    row, column = divmod(k, columns)
+    for side, (image, text) in enumerate(zip(images, titles)):
+      ax = axes[row, 2 * column + side]
+      ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+      ax.set_title(text, fontsize=6, color="tab:red" if highlight else "black")
+    left = axes[row, 2 * column]
+    left.text(1.04, -0.08, caption, transform=left.transAxes, ha="center", va="top", fontsize=7)
+  fig.suptitle(title, fontsize=9)
+  return _save(fig, path)
+
+
 def _face_with_heat(ax, face, heat, title, fontsize=7, color=None, alpha=0.4):
   """A grey face with its heat map over it (either may be None) and a title."""
   if face is not None:
