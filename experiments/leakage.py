@@ -1,4 +1,5 @@
-r"""Test accuracy of the strong runs on the PrivateTest faces with and without a near copy in train.
+r"""Test accuracy of the standard-protocol runs on the PrivateTest faces with and without a near
+copy in train.
 
   FER2013_ARCHIVE=/path/to/archive.zip FER_DATA_DIR=/path/to/tfds python3 experiments/leakage.py
 
@@ -32,7 +33,10 @@ from fer import data_report  # pylint: disable=wrong-import-position
 from fer import fileio  # pylint: disable=wrong-import-position
 from fer import input_pipeline  # pylint: disable=wrong-import-position
 
-RUNS = ("strong_s0", "strong_s1", "strong_s2", "strong_s3", "strong_ensemble")
+RUNS = ("cnn_standard_s0", "cnn_standard_s1", "cnn_standard_s2", "cnn_standard_ensemble",
+        "augment_standard_s0", "augment_standard_s1", "augment_standard_s2",
+        "augment_standard_ensemble", "strong_s0", "strong_s1", "strong_s2", "strong_s3",
+        "strong_cpu_s0", "strong_ensemble")
 
 
 def test_copies_in_train(near: dict, num_test: int) -> np.ndarray:
