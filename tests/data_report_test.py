@@ -11,6 +11,7 @@ import pytest
 import fer2013_fakes as fakes
 from configs import data_report as data_report_config
 from fer import data_report
+from fer import input_pipeline
 from fer.datasets import fer2013
 
 FIGURES = ("class_distribution.png", "class_distribution_train.png",
@@ -225,3 +226,27 @@ def test_near_duplicates_of_constant_images():
   assert all(p["exact"] and p["similarity"] == 1.0 for p in near["pairs"])
   assert data_report.find_near_duplicates(_splits(train=blank(0, 3), test=blank(9)))[
       "summary"]["pairs"] == 3
+
+
+def test_drop_train_copies_keeps_only_train_images_without_a_copy_in_val_or_test(capsys):
+  photos = _photos(30, seed=5)
+  train, val, test = photos[:20].copy(), photos[20:25], photos[25:30]
+  train[3], train[7], train[11] = _jpeg(val[0]), _shifted(test[1], 1), train[12]  # 11~12: ok
+  splits = {s: {"image": x, "label": np.arange(len(x), dtype=np.int32) % 7}
+            for s, x in (("train", train), ("val", val), ("test", test))}
+  out = input_pipeline.drop_train_copies(splits)
+  np.testing.assert_array_equal(out["train"]["image"], np.delete(train, [3, 7], axis=0))
+  np.testing.assert_array_equal(out["train"]["label"], np.delete(np.arange(20) % 7, [3, 7]))
+  assert out["val"] is splits["val"] and out["test"] is splits["test"]
+  assert "2 of 20 train images have a near copy in val or test" in capsys.readouterr().out
+
+
+def test_load_splits_drops_train_copies_when_asked():
+  config = data_report_config.get_config("runlocal").input
+  config.synthetic_train_size = 240
+  plain = input_pipeline.load_splits(config)
+  config.drop_train_copies = True
+  dropped = input_pipeline.load_splits(config)
+  # The synthetic faces are drawn from a few templates: every train face has a copy in val.
+  assert len(dropped["train"]["label"]) < len(plain["train"]["label"])
+  np.testing.assert_array_equal(dropped["test"]["label"], plain["test"]["label"])
