@@ -34,6 +34,7 @@ from fer import fileio  # pylint: disable=wrong-import-position
 from fer import input_pipeline  # pylint: disable=wrong-import-position
 
 RUNS = ("cnn_standard_s0", "cnn_standard_s1", "cnn_standard_s2", "cnn_standard_ensemble",
+        "cnn_nocopies_s0",
         "augment_standard_s0", "augment_standard_s1", "augment_standard_s2",
         "augment_standard_ensemble", "strong_s0", "strong_s1", "strong_s2", "strong_s3",
         "strong_cpu_s0", "strong_ensemble")
