@@ -36,7 +36,8 @@ from fer import input_pipeline  # pylint: disable=wrong-import-position
 RUNS = ("cnn_standard_s0", "cnn_standard_s1", "cnn_standard_s2", "cnn_standard_ensemble",
         "cnn_nocopies_s0",
         "augment_standard_s0", "augment_standard_s1", "augment_standard_s2",
-        "augment_standard_ensemble", "strong_s0", "strong_s1", "strong_s2", "strong_s3",
+        "augment_standard_ensemble", "augment_nocopies_s0", "strong_s0", "strong_s1",
+        "strong_s2", "strong_s3",
         "strong_cpu_s0", "strong_ensemble")
 
 
