@@ -198,25 +198,12 @@ def format_comparison(diffs: list[Difference], name_a: str, name_b: str) -> list
 # ----------------------------------------------------------------------------- CLI
 
 
-def workdir_of(checkpoint) -> pathlib.Path | None:
-  """The run's workdir that holds `checkpoint` (RUN/checkpoints/<kind>/<epoch>[/state], or RUN
-  itself), or None for a checkpoint outside a run."""
-  path = pathlib.Path(checkpoint)
-  if (path / "checkpoints").is_dir():
-    return path
-  if path.name == "state":
-    path = path.parent
-  if path.parent.parent.name == "checkpoints" and path.parents[2].is_dir():
-    return path.parents[2]
-  return None
-
-
 def inspect_run(workdir=None, checkpoint=None, compare=None,
                 show_config=True) -> tuple[str, bool]:
   """(the report, ok). `workdir` defaults to the run that holds `checkpoint`."""
   if workdir is None and checkpoint is None:
     raise ValueError("inspect_run: pass a workdir or a checkpoint")
-  workdir = workdir_of(checkpoint) if workdir is None else pathlib.Path(workdir)
+  workdir = runs.workdir_of(checkpoint) if workdir is None else pathlib.Path(workdir)
   ok = True
   if workdir is None:
     lines = [f"Checkpoint {checkpoint} (not in a run's checkpoints/ folder: no other "

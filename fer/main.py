@@ -46,6 +46,12 @@ def _message(e: BaseException) -> str:
   return " ".join(lines)
 
 
+def _last_line(text: str) -> str:
+  """The last non-blank line: the reason in the tracebacks and path lists ml_collections puts
+  into its config-file errors."""
+  return [l.strip() for l in text.splitlines() if l.strip()][-1]
+
+
 def parse_flags(argv):
   """absl's flag parsing, with a one-line error (no traceback) for a bad --config override or a
   config file that cannot be loaded (missing, or its get_config refusing its argument)."""
@@ -56,9 +62,8 @@ def parse_flags(argv):
     if "Error whilst parsing config file" in text or "Attempted [" in text:
       # ml_collections puts the config module's traceback (or the paths it tried) in the text:
       # its last line is the reason.
-      reason = [l.strip() for l in text.splitlines() if l.strip()][-1]
       sys.exit(f"fer: config error: cannot read the config file: {text.splitlines()[0]} "
-               f"{reason}")
+               f"{_last_line(text)}")
     sys.exit(f"fer: {text}\nPass --helpshort or --helpfull to see help on flags.")
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     sys.exit(f"fer: config error: {_message(e)}")
@@ -72,9 +77,8 @@ def main(argv):
   try:
     job = config.get("job", "train")
   except OSError as e:  # ml_collections defers a missing config file's error to the first use
-    reason = [l.strip() for l in str(e).splitlines() if l.strip()][-1]
     sys.exit(f"fer: config error: cannot read the config file --config="
-             f"{flags.FLAGS['config'].config_filename}: {reason}")
+             f"{flags.FLAGS['config'].config_filename}: {_last_line(str(e))}")
   if _MULTIHOST.value:
     start_multihost(job)
   try:

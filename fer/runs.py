@@ -306,14 +306,27 @@ def check_face_input(model, variables, config):
                    f"(1, {fer2013.NUM_CLASSES})")
 
 
+def workdir_of(checkpoint) -> pathlib.Path | None:
+  """The run's workdir that holds `checkpoint` (RUN/checkpoints/<kind>/<epoch>[/state], or RUN
+  itself), or None for a checkpoint outside a run."""
+  path = pathlib.Path(checkpoint)
+  if (path / "checkpoints").is_dir():
+    return path
+  if path.name == "state":
+    path = path.parent
+  if path.parent.parent.name == "checkpoints" and path.parents[2].is_dir():
+    return path.parents[2]
+  return None
+
+
 def final_results(run: Run) -> dict:
   """The results.json of the run holding `run`'s checkpoint (its final evaluation, of its best
   checkpoint with its eval.tta); {} for a checkpoint outside a run or an unfinished run."""
-  step_dir = run.checkpoint.path
-  if step_dir.parent.parent.name != "checkpoints":  # RUN/checkpoints/<kind>/<epoch>
+  workdir = workdir_of(run.checkpoint.path)
+  if workdir is None:
     return {}
   try:
-    results = json.loads((step_dir.parents[2] / "results.json").read_text())
+    results = json.loads((workdir / "results.json").read_text())
   except (OSError, ValueError):
     return {}
   return results if isinstance(results, dict) else {}

@@ -63,18 +63,6 @@ _MACHINE_KEYS = ("input.archive", "input.data_dir")
 # ----------------------------------------------------------------------------- trials
 
 
-def flatten(config) -> dict:
-  """{'model.conv_features': (32, 64), ...} of a ConfigDict or nested dict."""
-  d = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
-  out = {}
-  for key, value in d.items():
-    if isinstance(value, dict):
-      out.update({f"{key}.{k}": v for k, v in flatten(value).items()})
-    else:
-      out[key] = value
-  return out
-
-
 def _hash(obj, n=8) -> str:
   return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:n]
 
@@ -107,13 +95,13 @@ def trial_base(config) -> ml_collections.ConfigDict:
 
 def trial_key(config) -> str:
   """Identity of a trial config (its budget and data paths left out)."""
-  flat = flatten(config)
+  flat = train.flatten_config(config)
   return _hash({k: v for k, v in flat.items() if k not in _BUDGET_KEYS + _MACHINE_KEYS})
 
 
 def structure_key(config) -> str:
   """Identity of a trial's structure: its config without VMAPPED_KEYS."""
-  flat = flatten(config)
+  flat = train.flatten_config(config)
   skip = _BUDGET_KEYS + _MACHINE_KEYS + VMAPPED_KEYS
   return _hash({k: v for k, v in flat.items() if k not in skip}, 6)
 
@@ -853,7 +841,7 @@ def write_best_config(path, trial, row, config, workdir):
   overrides and the search's command-line overrides; budget and data paths left out)."""
   import importlib  # pylint: disable=import-outside-toplevel
   base_cfg = importlib.import_module(f"configs.{config.search.base}").get_config()
-  base_flat, flat = flatten(base_cfg), flatten(trial.config)
+  base_flat, flat = train.flatten_config(base_cfg), train.flatten_config(trial.config)
   skip = ("job",) + _BUDGET_KEYS + _MACHINE_KEYS + ("train.early_stopping_epochs",)
   diff = {k: v for k, v in flat.items() if k not in skip and base_flat.get(k, object()) != v}
   overrides = "".join(f"    {k!r}: {v!r},\n" for k, v in sorted(diff.items()))

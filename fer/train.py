@@ -412,11 +412,16 @@ RESUME_MAY_CHANGE = ("input.archive", "input.data_dir", "input.eval_batch_size",
                      "train.steps_per_dispatch")
 
 
-def _flatten(tree, prefix=""):
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  return {k: v for key, value in tree.items()
-          for k, v in _flatten(value, f"{prefix}.{key}" if prefix else key).items()}
+def flatten_config(config) -> dict:
+  """{'model.conv_features': (32, 64), ...} of a ConfigDict or nested dict."""
+  d = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+  out = {}
+  for key, value in d.items():
+    if isinstance(value, dict):
+      out.update({f"{key}.{k}": v for k, v in flatten_config(value).items()})
+    else:
+      out[key] = value
+  return out
 
 
 def check_same_config(config, workdir, may_change=RESUME_MAY_CHANGE):
@@ -430,11 +435,11 @@ def check_same_config(config, workdir, may_change=RESUME_MAY_CHANGE):
   if not (started and old_file.is_file()):
     return
   try:
-    old = _flatten(json.loads(old_file.read_text()))
+    old = flatten_config(json.loads(old_file.read_text()))
   except ValueError as e:
     raise ConfigError(f"{old_file} is not readable JSON ({e}); restore it from a copy, or use a "
                       "new --workdir") from e
-  new = _flatten(json.loads(config.to_json_best_effort()))
+  new = flatten_config(json.loads(config.to_json_best_effort()))
   changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in sorted(old.keys() & new.keys())
              if old[k] != new[k] and k not in may_change]
   if changed:

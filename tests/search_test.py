@@ -84,7 +84,7 @@ def test_random_sampling_is_seeded_and_valid():
   assert [t.overrides for t in trials(0, 4)] == [t.overrides for t in a[:4]]  # prefix-stable
   assert len(a) == 8 and not any(t.baseline for t in a)
   for t in a[:5]:  # every sample is a valid config (known keys, a model that builds)
-    assert set(t.overrides) <= set(search.flatten(t.config))
+    assert set(t.overrides) <= set(train.flatten_config(t.config))
     desc = search.describe(t.config, (48, 48, 1))
     assert desc["num_params"] > 0 and desc["flops"] > 0
   paired = trials(0, 6, per=2)
@@ -183,9 +183,9 @@ def test_search_with_failures_resumes_after_kill(tmp_path, monkeypatch):
   spec = importlib.util.spec_from_file_location("best_config", tmp_path / "best_config.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  best, trial = search.flatten(module.get_config()), next(
+  best, trial = train.flatten_config(module.get_config()), next(
       t for t in search.make_trials(config) if t.name == summary["best"]["name"])
-  for key, value in search.flatten(trial.config).items():
+  for key, value in train.flatten_config(trial.config).items():
     if key not in ("input.archive", "input.data_dir", "train.num_epochs",
                    "train.early_stopping_epochs"):  # the search's budget and the machine's paths
       assert best[key] == value, key
