@@ -19,7 +19,8 @@ def base() -> ml_collections.ConfigDict:
   c.input.val_fraction = 0.5  # for protocol val_fraction (seed always halves Training)
   c.input.split_seed = 0
   # Train without the Training images that have a near copy in val or test (24% of PrivateTest
-  # has one: README, "Near copies across the splits"); found as fer.data_report finds them.
+  # has one: README, "Near copies across the splits"); found by fer.duplicates, cached in the
+  # data dir.
   c.input.drop_train_copies = False
   c.input.synthetic_train_size = 2800  # for source synthetic: train size; val/test get a quarter
   c.input.batch_size = 64  # global, over all devices

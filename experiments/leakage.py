@@ -5,7 +5,7 @@ copy in train.
 
 Loads the standard protocol's splits (fer.input_pipeline.load_splits; test = PrivateTest, in the
 order the runs' test_probs.npy rows follow), finds near duplicates as the data report does
-(fer.data_report.find_near_duplicates), checks that every run's saved test probabilities give
+(fer.duplicates.find_near_duplicates), checks that every run's saved test probabilities give
 its results.json test/accuracy back (argmax), and writes experiments/results/leakage.md: per run
 the accuracy on the test faces whose near-duplicate group holds a train image and on the others,
 the first split by whether all those train copies carry the test face's label. About a minute
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from configs import data_report as data_report_config  # pylint: disable=wrong-import-position
 from experiments import study  # pylint: disable=wrong-import-position
-from fer import data_report  # pylint: disable=wrong-import-position
+from fer import duplicates  # pylint: disable=wrong-import-position
 from fer import fileio  # pylint: disable=wrong-import-position
 from fer import input_pipeline  # pylint: disable=wrong-import-position
 
@@ -74,7 +74,7 @@ def main(argv=None):
   start = time.perf_counter()
   config = data_report_config.get_config()  # standard protocol; archive/data dir from env
   splits = input_pipeline.load_splits(config.input, with_names=True)
-  near = data_report.find_near_duplicates(splits)
+  near = duplicates.find_near_duplicates(splits)
   labels = splits["test"]["label"]
   copies = test_copies_in_train(near, len(labels))
 
@@ -104,7 +104,7 @@ def main(argv=None):
       f"Machine: {study.machine()}; {time.perf_counter() - start:.0f} s  ",
       f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}, commit {commit}", "",
       f"Standard protocol, test = PrivateTest ({len(labels):,} faces). A test face has a near copy "
-      f"in train when its near-duplicate group (fer.data_report: aligned band-pass similarity "
+      f"in train when its near-duplicate group (fer.duplicates: aligned band-pass similarity "
       f">= {s['threshold']}, copies of copies included) holds a train image: "
       f"{(copies > 0).sum():,} faces ({100 * (copies > 0).mean():.1f}%), of which "
       f"{(copies == 1).sum():,} have train copies all labelled as the test face and "

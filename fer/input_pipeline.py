@@ -17,11 +17,13 @@ import time
 import numpy as np
 import tensorflow_datasets as tfds
 
+from fer import duplicates
 from fer.datasets import fer2013
 from fer.datasets import synthetic
 
 DATA_DIR_ENV = "FER_DATA_DIR"
 PROTOCOLS = ("standard", "seed", "val_fraction")
+NEAR_DUPLICATES_CACHE = "fer2013_near_duplicates"  # in the data dir: train_copies per protocol
 
 
 def resolve_data_dir(data_dir: str = "") -> pathlib.Path:
@@ -158,21 +160,23 @@ def load_splits(input_cfg, with_names: bool = False) -> dict[str, dict[str, np.n
   else:
     raise ValueError(f"config.input.source={input_cfg.source!r}: expected fer2013 or synthetic")
   if input_cfg.get("drop_train_copies", False):
-    out = drop_train_copies(out)
+    cache = None  # synthetic faces: seconds to search, nothing to keep
+    if input_cfg.source == "fer2013":
+      cache = resolve_data_dir(input_cfg.data_dir) / NEAR_DUPLICATES_CACHE
+    out = drop_train_copies(out, cache_dir=cache)
   return out
 
 
-def drop_train_copies(splits: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+def drop_train_copies(splits: dict[str, dict[str, np.ndarray]],
+                      cache_dir=None) -> dict[str, dict[str, np.ndarray]]:
   """The splits with train reduced to the images whose near-duplicate group (identical,
-  re-encoded, re-lit, slightly shifted or zoomed copies: fer.data_report.find_near_duplicates)
-  holds no val or test image, so that no evaluation face is also trained on. About 15-40 s on
-  FER2013 on a 2-core CPU; prints how many train images it dropped."""
-  from fer import data_report  # pylint: disable=import-outside-toplevel  (it imports this module)
-  near = data_report.find_near_duplicates({s: splits[s] for s in ("train", "val", "test")})
-  drop = sorted({m["index"] for g in near["groups"] if set(g["splits"]) != {"train"}
-                 for m in g["members"] if m["split"] == "train"})
+  re-encoded, re-lit, slightly shifted or zoomed copies: fer.duplicates) holds no val or test
+  image, so that no evaluation face is also trained on. The search (15-40 s on FER2013 on a
+  2-core CPU) is cached in `cache_dir` (fer.duplicates.train_copies); prints how many train
+  images it dropped."""
+  drop = duplicates.train_copies(splits, cache_dir)
   n = len(splits["train"]["label"])
-  keep = np.setdiff1d(np.arange(n), np.asarray(drop, np.int64))
+  keep = np.setdiff1d(np.arange(n), drop)
   print(f"input.drop_train_copies: {len(drop):,} of {n:,} train images have a near copy in val "
         f"or test; training on the other {len(keep):,}.", flush=True)
   return {**splits, "train": _take(splits["train"], keep)}
