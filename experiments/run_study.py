@@ -7,8 +7,10 @@ r"""The whole study in one command: every experiment into --root, skipping runs 
 
 Experiments (names as in the README's results table): data_report, search, cnn_standard_s<k>,
 augment_standard_s<k> (protocol `standard`), cnn_seed_s<k>, augment_seed_s<k> (protocol `seed`,
-the original study's), vgg16_cached, vgg16_frozen, vgg16_finetune, strong_s<k>, strong_seed_s<k>,
-for k < --seeds, and with 2 seeds or more each family's <family>_ensemble (cnn_standard_ensemble,
+the original study's), cnn_nocopies_s<k>, augment_nocopies_s<k> (protocol `standard`, trained
+without the Training images that have a near copy in val or test), vgg16_cached, vgg16_frozen,
+vgg16_finetune, strong_s<k>, strong_seed_s<k>, for k < --seeds, and with 2 seeds or more each
+family's <family>_ensemble (cnn_standard_ensemble,
 ..., strong_ensemble, strong_seed_ensemble). The README's strong_ensemble has a fourth seed:
 `--only=strong_s0,strong_s1,strong_s2,strong_s3,strong_ensemble --seeds=4`.
 `--only` takes name prefixes. A run is complete when its workdir holds its final file
@@ -82,6 +84,13 @@ def experiments(root: pathlib.Path, seeds: int, vgg16_weights: str = "keras",
       out.append(t(f"augment_{protocol}_s{k}", "configs/augment.py", *args, f"--config.seed={k}"))
     if seeds >= 2:
       out += [ensemble(f"cnn_{protocol}"), ensemble(f"augment_{protocol}")]
+  # Protocol standard without the Training images that have a near copy in val or test.
+  clean = "--config.input.drop_train_copies=True"
+  for k in range(seeds):
+    out.append(t(f"cnn_nocopies_s{k}", "configs/cnn.py", clean, f"--config.seed={k}"))
+    out.append(t(f"augment_nocopies_s{k}", "configs/augment.py", clean, f"--config.seed={k}"))
+  if seeds >= 2:
+    out += [ensemble("cnn_nocopies"), ensemble("augment_nocopies")]
   suffix = "" if vgg16_weights != "none" else "_scratch"
   weights = (f"--config.pretrained.weights={vgg16_weights}",)
   frozen = f"vgg16_frozen{suffix}"

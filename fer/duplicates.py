@@ -372,36 +372,50 @@ def _cache_key(splits: dict[str, dict[str, np.ndarray]], threshold: float) -> st
   return h.hexdigest()
 
 
+def cross_split_copies(splits: dict[str, dict[str, np.ndarray]], cache_dir=None,
+                       threshold: float = NEAR_THRESHOLD) -> dict[str, np.ndarray]:
+  """Which images have a near copy in another split: {'train': bool [N_train] (its near-duplicate
+  group holds a val or test image: the train faces that are also evaluated on), 'val' and 'test':
+  bool [N] (the group holds a train image)}. `splits`: {'train', 'val', 'test'}: {'image', ...}.
+
+  The search takes 15-40 s on FER2013 on a 2-core CPU. With `cache_dir`, the answer is kept there
+  as copies_<key>.npz, where the key hashes the images and the method's settings; a later call
+  with the same images reads it back. A cache file that cannot be read or written only costs the
+  search again (with a note).
+  """
+  names = ("train", "val", "test")
+  splits = {s: splits[s] for s in names}
+  path = None
+  if cache_dir is not None:
+    path = pathlib.Path(cache_dir) / f"copies_{_cache_key(splits, threshold)[:32]}.npz"
+    if path.exists():
+      try:
+        with np.load(path, allow_pickle=False) as saved:
+          found = {s: saved[s] for s in names}
+        if all(found[s].dtype == bool and found[s].shape == (len(splits[s]["image"]),)
+               for s in names):
+          return found
+        print(f"{path}: not a mask per split of these images; searching again", flush=True)
+      except (OSError, ValueError, KeyError) as e:
+        print(f"{path}: unreadable ({e}); searching again", flush=True)
+  near = find_near_duplicates(splits, threshold)
+  found = {s: np.zeros(len(splits[s]["image"]), bool) for s in names}
+  for g in near["groups"]:
+    in_group = set(g["splits"])
+    for m in g["members"]:  # train: a val or test image in the group; val, test: a train one
+      other = in_group - {"train"} if m["split"] == "train" else in_group & {"train"}
+      found[m["split"]][m["index"]] = bool(other)
+  if path is not None:
+    try:
+      fileio.save_npz_atomic(path, **found)
+    except OSError as e:
+      print(f"{path}: could not cache the near copies ({e}); the next run searches again",
+            flush=True)
+  return found
+
+
 def train_copies(splits: dict[str, dict[str, np.ndarray]], cache_dir=None,
                  threshold: float = NEAR_THRESHOLD) -> np.ndarray:
   """Sorted indices (int64) of the train images whose near-duplicate group holds a val or test
-  image: the train faces that are also evaluated on, as copies. `splits`: {'train', 'val',
-  'test'}: {'image', 'label'}.
-
-  The search takes 15-40 s on FER2013 on a 2-core CPU. With `cache_dir`, the answer is kept there
-  as train_copies_<key>.npy, where the key hashes the images and the method's settings; a later
-  call with the same images reads it back. A cache file that cannot be read or written only costs
-  the search again (with a note).
-  """
-  path = None
-  if cache_dir is not None:
-    path = pathlib.Path(cache_dir) / f"train_copies_{_cache_key(splits, threshold)[:32]}.npy"
-    if path.exists():
-      try:
-        found = np.load(path, allow_pickle=False)
-        if found.ndim == 1 and found.dtype == np.int64 and (
-            not len(found) or 0 <= found.min() <= found.max() < len(splits["train"]["label"])):
-          return found
-        print(f"{path}: not a list of train indices; searching again", flush=True)
-      except (OSError, ValueError) as e:
-        print(f"{path}: unreadable ({e}); searching again", flush=True)
-  near = find_near_duplicates({s: splits[s] for s in ("train", "val", "test")}, threshold)
-  found = np.array(sorted({m["index"] for g in near["groups"] if set(g["splits"]) != {"train"}
-                           for m in g["members"] if m["split"] == "train"}), np.int64)
-  if path is not None:
-    try:
-      fileio.save_npy_atomic(path, found)
-    except OSError as e:
-      print(f"{path}: could not cache the train copies ({e}); the next run searches again",
-            flush=True)
-  return found
+  image (cross_split_copies, cached in `cache_dir` the same way)."""
+  return np.flatnonzero(cross_split_copies(splits, cache_dir, threshold)["train"]).astype(np.int64)

@@ -152,6 +152,9 @@ def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
       **metrics_lib.calibration(means["val"], data["val"]["label"], means["test"],
                                 data["test"]["label"]),
   }
+  if "train_copy" in data["test"]:
+    results.update(metrics_lib.copy_metrics(means["test"], data["test"]["label"],
+                                            data["test"]["train_copy"]))
   config = dict(configs[0], ensemble_members=[str(w) for w in workdirs])
   fileio.write_json_atomic(out / "config.json", config)
   fileio.write_json_atomic(out / "results.json", results)
@@ -168,8 +171,8 @@ def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
   print(f"Ensemble of {len(workdirs)}: val/accuracy {results['val/accuracy']:.4f}, test/accuracy "
         f"{results['test/accuracy']:.4f}, test/macro_f1 {results['test/macro_f1']:.4f}, test/ece "
         f"{results['test/ece']:.3f} (after temperature {results['temperature']:.2f} fit on val: "
-        f"{results['test/ece_calibrated']:.3f}){agreement}. Results in {out}/results.json",
-        flush=True)
+        f"{results['test/ece_calibrated']:.3f}){agreement}.{train.copy_words(results)} Results "
+        f"in {out}/results.json", flush=True)
   return results
 
 

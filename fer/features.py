@@ -197,7 +197,9 @@ def _open_features(directory: pathlib.Path, splits) -> dict:
     if len(feats) != len(splits[name]["label"]):
       raise FeaturesError(f"{path} does not hold {len(splits[name]['label'])} feature rows; "
                           f"delete {directory} to compute the features again")
-    out[name] = {"image": feats, "label": np.asarray(splits[name]["label"], np.int32)}
+    # The split's other fields (test's train_copy for FER2013) stay as they were.
+    out[name] = {**splits[name], "image": feats,
+                 "label": np.asarray(splits[name]["label"], np.int32)}
   return out
 
 

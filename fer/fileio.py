@@ -43,3 +43,10 @@ def save_npy_atomic(path, array) -> pathlib.Path:
   buffer = io.BytesIO()
   np.save(buffer, np.asarray(array), allow_pickle=False)
   return write_bytes_atomic(path, buffer.getvalue())
+
+
+def save_npz_atomic(path, **arrays) -> pathlib.Path:
+  """`arrays` as an uncompressed .npz file (np.savez's format)."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+  return write_bytes_atomic(path, buffer.getvalue())

@@ -23,7 +23,7 @@ from fer.datasets import synthetic
 
 DATA_DIR_ENV = "FER_DATA_DIR"
 PROTOCOLS = ("standard", "seed", "val_fraction")
-NEAR_DUPLICATES_CACHE = "fer2013_near_duplicates"  # in the data dir: train_copies per protocol
+NEAR_DUPLICATES_CACHE = "fer2013_near_duplicates"  # in the data dir: copies across splits
 
 
 def resolve_data_dir(data_dir: str = "") -> pathlib.Path:
@@ -145,8 +145,11 @@ def apply_protocol(data: dict[str, dict[str, np.ndarray]], protocol: str,
 def load_splits(input_cfg, with_names: bool = False) -> dict[str, dict[str, np.ndarray]]:
   """{'train', 'val', 'test'}: {'image': uint8 [N, 48, 48, 1], 'label': int32 [N]} per config.input.
 
-  `with_names` adds 'file_name' (str [N]) for FER2013; synthetic images have no files.
-  With input.drop_train_copies, train loses its near copies of val and test images.
+  `with_names` adds 'file_name' (str [N]) for FER2013; synthetic images have no files. FER2013's
+  test also gets 'train_copy' (bool [N]): the face has a near copy in train (fer.duplicates; the
+  search runs once per data dir, 15-40 s on a 2-core CPU, and is cached there), for the test
+  accuracy on the faces without one. With input.drop_train_copies, train loses its near copies
+  of val and test images.
   """
   if input_cfg.source == "synthetic":
     n, seed = input_cfg.synthetic_train_size, 1000 * input_cfg.split_seed
@@ -159,10 +162,12 @@ def load_splits(input_cfg, with_names: bool = False) -> dict[str, dict[str, np.n
     out = apply_protocol(data, input_cfg.protocol, input_cfg.val_fraction, input_cfg.split_seed)
   else:
     raise ValueError(f"config.input.source={input_cfg.source!r}: expected fer2013 or synthetic")
+  cache = None  # synthetic faces: copies of a few templates, nothing to report or keep
+  if input_cfg.source == "fer2013":
+    cache = resolve_data_dir(input_cfg.data_dir) / NEAR_DUPLICATES_CACHE
+    copies = duplicates.cross_split_copies(out, cache)
+    out["test"] = {**out["test"], "train_copy": copies["test"]}
   if input_cfg.get("drop_train_copies", False):
-    cache = None  # synthetic faces: seconds to search, nothing to keep
-    if input_cfg.source == "fer2013":
-      cache = resolve_data_dir(input_cfg.data_dir) / NEAR_DUPLICATES_CACHE
     out = drop_train_copies(out, cache_dir=cache)
   return out
 

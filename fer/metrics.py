@@ -77,6 +77,19 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, prefix: str) -
   }
 
 
+def copy_metrics(probs: np.ndarray, labels: np.ndarray, train_copy: np.ndarray,
+                 prefix: str = "test") -> dict:
+  """Accuracy on the faces with and without a near copy in train (bool `train_copy` [N], from
+  fer.duplicates): `prefix/train_copies` (how many have one), `prefix/accuracy_train_copy` and
+  `prefix/accuracy_no_train_copy` (None where no face is in the group)."""
+  correct = np.asarray(probs).argmax(1) == np.asarray(labels)
+  train_copy = np.asarray(train_copy, bool)
+  mean = lambda x: float(x.mean()) if len(x) else None
+  return {f"{prefix}/train_copies": int(train_copy.sum()),
+          f"{prefix}/accuracy_train_copy": mean(correct[train_copy]),
+          f"{prefix}/accuracy_no_train_copy": mean(correct[~train_copy])}
+
+
 ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017 (On Calibration of Modern NNs)
 
 

@@ -647,6 +647,16 @@ def load_variables(path) -> dict:
   return runs.restore_variables(runs.resolve_checkpoint(checkpoint=path))
 
 
+def copy_words(results: dict) -> str:
+  """' On the N test faces without a near copy in train: x%.' where results have it, else ''."""
+  clean = results.get("test/accuracy_no_train_copy")
+  if clean is None:
+    return ""
+  n = results["test/train_copies"]
+  return (f" On the test faces without a near copy in train ({n:,} have one): test/accuracy "
+          f"{clean:.4f}.")
+
+
 def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, model, meta,
                       num_params):
   """Restores the best checkpoint (by val accuracy) and evaluates val and, once, test."""
@@ -694,6 +704,9 @@ def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, mode
       **metrics_lib.calibration(split_probs["val"], data["val"]["label"], split_probs["test"],
                                 data["test"]["label"]),
   }
+  if "train_copy" in data["test"]:  # FER2013: a quarter of PrivateTest has a copy in Training
+    results.update(metrics_lib.copy_metrics(split_probs["test"], data["test"]["label"],
+                                            data["test"]["train_copy"]))
   if is_primary():
     plots.reliability_diagram(
         {"test": metrics_lib.reliability_curves(split_probs["test"], data["test"]["label"],
@@ -706,5 +719,6 @@ def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, mode
     fileio.write_json_atomic(workdir / "results.json", results)
   print(f"Best epoch {best_epoch}: val/accuracy {results['val/accuracy']:.4f}, test/accuracy "
         f"{results['test/accuracy']:.4f}, test/macro_f1 {results['test/macro_f1']:.4f} "
-        f"({tta_words(config.eval.tta)}). Results in {workdir}/results.json", flush=True)
+        f"({tta_words(config.eval.tta)}).{copy_words(results)} Results in "
+        f"{workdir}/results.json", flush=True)
   return results

@@ -196,8 +196,8 @@ def test_train_copies_are_cached_per_content(tmp_path, monkeypatch, capsys):
   splits, expected = _planted()
   cache = tmp_path / "cache"
   np.testing.assert_array_equal(duplicates.train_copies(splits, cache), expected)
-  [saved] = cache.glob("train_copies_*.npy")
-  assert np.load(saved).tolist() == expected
+  [saved] = cache.glob("copies_*.npz")
+  assert np.flatnonzero(np.load(saved)["train"]).tolist() == expected
 
   def no_search(*args, **kwargs):
     raise AssertionError("searched although the answer is cached")
@@ -209,15 +209,18 @@ def test_train_copies_are_cached_per_content(tmp_path, monkeypatch, capsys):
   other["val"]["image"][4, 0, 0] ^= 1
   np.testing.assert_array_equal(duplicates.train_copies(other, cache), expected)
   assert duplicates.train_copies(splits, cache, threshold=1.01).tolist() == []
-  assert len(list(cache.glob("train_copies_*.npy"))) == 3
+  assert len(list(cache.glob("copies_*.npz"))) == 3
   # A damaged cache file costs a search, with a note, and is replaced.
   saved.write_bytes(b"not numpy")
   np.testing.assert_array_equal(duplicates.train_copies(splits, cache), expected)
   assert f"{saved}: unreadable" in capsys.readouterr().out
-  assert np.load(saved).tolist() == expected
-  np.save(saved, np.array([0, 99], np.int64))  # 99: out of range for 20 train images
+  masks = dict(np.load(saved))
+  assert np.flatnonzero(masks["train"]).tolist() == expected
+  assert np.flatnonzero(masks["val"]).tolist() == [0] and np.flatnonzero(masks["test"]).tolist() == [1]
+  with open(saved, "wb") as f:  # masks of other images (one image less in test)
+    np.savez(f, **{**masks, "test": masks["test"][1:]})
   np.testing.assert_array_equal(duplicates.train_copies(splits, cache), expected)
-  assert "not a list of train indices" in capsys.readouterr().out
+  assert "not a mask per split of these images" in capsys.readouterr().out
 
 
 def test_train_copies_when_the_cache_cannot_be_written(tmp_path, capsys):
@@ -225,7 +228,7 @@ def test_train_copies_when_the_cache_cannot_be_written(tmp_path, capsys):
   blocked = tmp_path / "file"
   blocked.write_text("a file where the cache folder would go")
   np.testing.assert_array_equal(duplicates.train_copies(splits, blocked / "cache"), expected)
-  assert "could not cache the train copies" in capsys.readouterr().out
+  assert "could not cache the near copies" in capsys.readouterr().out
 
 
 def test_load_splits_caches_fer2013_train_copies_in_the_data_dir(tmp_path, monkeypatch, capsys):
@@ -237,9 +240,10 @@ def test_load_splits_caches_fer2013_train_copies_in_the_data_dir(tmp_path, monke
   config.data_dir = str(tmp_path / "data")
   config.drop_train_copies = True
   first = input_pipeline.load_splits(config)
-  [cached] = (tmp_path / "data" / input_pipeline.NEAR_DUPLICATES_CACHE).glob("*.npy")
-  assert len(np.load(cached)) == 1
+  [cached] = (tmp_path / "data" / input_pipeline.NEAR_DUPLICATES_CACHE).glob("*.npz")
+  assert np.load(cached)["train"].sum() == np.load(cached)["test"].sum() == 1
   assert "1 of 8 train images have a near copy in val or test" in capsys.readouterr().out
+  assert first["test"]["train_copy"].sum() == 1  # PrivateTest_0, a copy of Training_9001
   monkeypatch.setattr(duplicates, "find_near_duplicates", None)  # a search would fail
   again = input_pipeline.load_splits(config)
   np.testing.assert_array_equal(again["train"]["image"], first["train"]["image"])

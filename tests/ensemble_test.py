@@ -54,6 +54,14 @@ def test_ensemble_averages_the_members_probabilities(run_dir, data, tmp_path):
   assert three["val/member_agreement"] == pytest.approx((agree + agree + 1) / 3)
   on_disk = json.loads((tmp_path / "ens" / "results.json").read_text())
   assert on_disk["ensemble_size"] == 2 and on_disk["test/accuracy"] == results["test/accuracy"]
+  assert "test/train_copies" not in on_disk  # synthetic faces: no near copies reported
+  # FER2013's test carries which faces have a near copy in train: accuracy with and without.
+  copy = np.arange(len(data["test"]["label"])) % 2 == 0
+  marked = {**data, "test": {**data["test"], "train_copy": copy}}
+  split = ensemble.ensemble([a, b], tmp_path / "ens_copy", data=marked)
+  mean = (np.load(a / "test_probs.npy") + np.load(b / "test_probs.npy")) / 2
+  assert split == results | metrics.copy_metrics(mean, data["test"]["label"], copy) | {
+      "git_commit": split["git_commit"]}
   assert (tmp_path / "ens" / "confusion_matrix.png").stat().st_size > 0
   assert (tmp_path / "ens" / "reliability.png").stat().st_size > 0
   val_mean = (np.load(a / "val_probs.npy") + np.load(b / "val_probs.npy")) / 2

@@ -125,9 +125,10 @@ def test_load_splits_fer2013(tmp_path, protocol, sizes):
   cfg.val_fraction = 0.25
   out = input_pipeline.load_splits(cfg)
   assert {k: len(v["label"]) for k, v in out.items()} == sizes
-  for split in out.values():
-    assert set(split) == {"image", "label"}
+  for name, split in out.items():
+    assert set(split) == {"image", "label"} | ({"train_copy"} if name == "test" else set())
     assert split["image"].dtype == np.uint8 and split["label"].dtype == np.int32
+  assert out["test"]["train_copy"].dtype == bool and not out["test"]["train_copy"].any()
   if protocol != "standard":  # stratified: every class in both halves
     assert set(out["train"]["label"]) == set(out["val"]["label"]) == set(range(7))
   named = input_pipeline.load_splits(cfg, with_names=True)

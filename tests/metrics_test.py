@@ -79,6 +79,17 @@ def test_fit_temperature_needs_images():
     metrics.fit_temperature(np.zeros((0, 7)), np.zeros(0, int))
 
 
+def test_copy_metrics_split_the_accuracy_by_train_copy():
+  probs = np.eye(7)[[0, 1, 2, 3, 4, 5]]
+  labels = np.array([0, 1, 0, 3, 0, 0])  # right, right, wrong, right, wrong, wrong
+  copy = np.array([True, True, True, False, False, False])
+  assert metrics.copy_metrics(probs, labels, copy) == {
+      "test/train_copies": 3, "test/accuracy_train_copy": pytest.approx(2 / 3),
+      "test/accuracy_no_train_copy": pytest.approx(1 / 3)}
+  assert metrics.copy_metrics(probs, labels, np.ones(6, bool), "val") == {
+      "val/train_copies": 6, "val/accuracy_train_copy": 0.5, "val/accuracy_no_train_copy": None}
+
+
 def test_reliability_diagram(tmp_path):
   probs, labels = _sampled(2_000, 2.0)
   curves = metrics.reliability_curves(probs, labels, 2.0)

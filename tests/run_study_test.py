@@ -23,6 +23,8 @@ def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
                    "cnn_standard_ensemble", "augment_standard_ensemble",
                    "cnn_seed_s0", "augment_seed_s0", "cnn_seed_s1", "augment_seed_s1",
                    "cnn_seed_ensemble", "augment_seed_ensemble",
+                   "cnn_nocopies_s0", "augment_nocopies_s0", "cnn_nocopies_s1",
+                   "augment_nocopies_s1", "cnn_nocopies_ensemble", "augment_nocopies_ensemble",
                    "vgg16_cached", "vgg16_frozen", "vgg16_finetune",
                    "strong_s0", "strong_s1", "strong_ensemble",
                    "strong_seed_s0", "strong_seed_s1", "strong_seed_ensemble"]
@@ -30,6 +32,10 @@ def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
   assert run_study.command(strong_seed) == (
       f"python -m fer.main --config=configs/strong.py --workdir={tmp_path / 'strong_seed_s1'} "
       "--config.input.protocol=seed --config.seed=1")
+  nocopies = {e.name: e for e in run_study.experiments(tmp_path, seeds=2)}["augment_nocopies_s1"]
+  assert run_study.command(nocopies) == (
+      f"python -m fer.main --config=configs/augment.py --workdir={tmp_path / 'augment_nocopies_s1'} "
+      "--config.input.drop_train_copies=True --config.seed=1")
   by_name = {e.name: e for e in run_study.experiments(tmp_path, seeds=2, vgg16_weights="none")
              if e.name.startswith("vgg16")}
   assert f"--config.init_from={tmp_path / 'vgg16_frozen_scratch'}" in by_name[

@@ -97,6 +97,22 @@ def test_resume_is_exact_and_completed_run_only_reports(tmp_path, capsys):
   assert again["test/accuracy"] == r["test/accuracy"]
 
 
+def test_test_accuracy_with_and_without_a_train_copy_is_reported(tmp_path, capsys):
+  """FER2013's test split carries 'train_copy' (input_pipeline.load_splits); the final evaluation
+  splits test/accuracy by it, from the same probabilities it saves."""
+  c = tiny_config(**{"train.num_epochs": 1})
+  data = input_pipeline.load_splits(c.input)
+  copy = np.arange(len(data["test"]["label"])) % 3 == 0
+  data["test"] = {**data["test"], "train_copy": copy}
+  results = train.train_and_evaluate(c, str(tmp_path), data=data)
+  correct = np.load(tmp_path / "test_probs.npy").argmax(1) == data["test"]["label"]
+  assert results["test/train_copies"] == copy.sum() == 38
+  assert results["test/accuracy_train_copy"] == pytest.approx(correct[copy].mean())
+  assert results["test/accuracy_no_train_copy"] == pytest.approx(correct[~copy].mean())
+  assert (f"test faces without a near copy in train (38 have one): test/accuracy "
+          f"{correct[~copy].mean():.4f}") in capsys.readouterr().out
+
+
 def test_steps_per_dispatch_does_not_change_training(tmp_path):
   """Chunks of 1 step and of 5 steps (with a remainder chunk) train on the same batches."""
   params = []
