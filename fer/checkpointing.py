@@ -278,21 +278,17 @@ class Checkpoints:
       if saved is not None and (not steps or steps[0] < saved):
         msg = (f"checkpoint {saved} in {directory}: missing (it was saved, then deleted or "
                "moved)")
-        logging.warning("Cannot restore %s", msg)
-        print(f"WARNING: cannot restore {msg}", flush=True)
+        print(f"WARNING: cannot restore {msg}", flush=True)  # stdout, beside the progress
         problems.append(msg)
     for s in steps:
       try:
         restored = mgr.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         if problems:
-          logging.warning("Using checkpoint %d of %s after skipping damaged ones: %s", s,
-                          mgr.directory, "; ".join(problems))
           print(f"WARNING: using checkpoint {s} of {mgr.directory} instead", flush=True)
         return s, restored.state, restored.meta
       except Exception as e:  # orbax raises many types for damaged files
         msg = f"checkpoint {s} in {mgr.directory}: {_describe(e)}"
-        logging.warning("Cannot restore %s", msg)
         print(f"WARNING: cannot restore {msg}", flush=True)
         problems.append(msg)
     if not problems:
