@@ -84,7 +84,8 @@ def test_summary_table_gives_each_experiment_its_seed_groups_and_ensembles(tmp_p
   for name, acc, protocol in [("cnn_seed_s0", 0.50, "seed"), ("cnn_seed_s1", 0.54, "seed"),
                               ("cnn_seed_ensemble", 0.57, "seed"),
                               ("cnn_standard_gpu", 0.9, "standard"),  # a variant: not summarised
-                              ("strong_s0", 0.71, "standard"), ("strong_e30_s0", 0.6, "standard")]:
+                              ("strong_s0", 0.71, "standard"), ("strong_e30_s0", 0.6, "standard"),
+                              ("strong_nocopies_s0", 0.65, "standard")]:  # without copies
     study.collect(_fake_run(runs / name, acc, protocol), name, "cmd", "m", results)
   readme = tmp_path / "README.md"
   readme.write_text(f"{study.SUMMARY_START}\nold\n{study.SUMMARY_END}\n"
@@ -96,9 +97,9 @@ def test_summary_table_gives_each_experiment_its_seed_groups_and_ensembles(tmp_p
           if l.startswith("| ") and "`configs/" in l}
   assert rows["`configs/cnn.py`"] == [
       "52.7%", f"52.0% ± {np.std([0.5, 0.54], ddof=1):.1%} (2 seeds), ensemble 57.0%",
-      "not run |"]
-  assert rows["`configs/strong.py`"] == ["-", "not run", "71.0% (1 run) |"]
-  assert rows["`configs/vgg16_cached.py`"] == ["43.9%", "not run", "not run |"]
+      "not run", "not run |"]
+  assert rows["`configs/strong.py`"] == ["-", "not run", "71.0% (1 run)", "65.0% (1 run) |"]
+  assert rows["`configs/vgg16_cached.py`"] == ["43.9%", "not run", "not run", "not run |"]
   # The val curves: a colour and a legend entry per seed group.
   assert curves["styles"] == {"cnn_seed_ensemble": ("C0", "cnn_seed_ensemble (1 run)"),
                               "cnn_seed_s0": ("C1", "cnn_seed (2 runs)"),
