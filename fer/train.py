@@ -648,7 +648,8 @@ def load_variables(path) -> dict:
 
 
 def copy_words(results: dict) -> str:
-  """' On the N test faces without a near copy in train: x%.' where results have it, else ''."""
+  """' On the test faces without a near copy in train (N have one): test/accuracy A.' where
+  results have it (FER2013 runs), else ''."""
   clean = results.get("test/accuracy_no_train_copy")
   if clean is None:
     return ""
