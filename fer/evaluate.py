@@ -1,7 +1,7 @@
 r"""A trained run on another labelled data set: a folder of class folders (cross-dataset tests).
 
-  python -m fer.evaluate --workdir=runs/strong_s0 --data=CK+/faces --out=runs/eval_ckplus
-  python -m fer.evaluate --workdir=runs/strong_s0 --data=JAFFE --detect --out=runs/eval_jaffe
+  python -m fer.evaluate --workdir=runs/strong_s0 --data=CK+48 --out=runs/eval_ckplus
+  python -m fer.evaluate --workdir=runs/strong_s0 --data=my_photos --detect --out=runs/eval_photos
   python -m fer.evaluate --workdir=runs/strong_s0 --data=RAF-DB/test \
       --class_map=1:surprise,2:fear,3:disgust,4:happy,5:sad,6:angry,7:neutral --out=runs/eval_raf
 
@@ -10,7 +10,7 @@ names are matched to the 7 classes case-insensitively, by name or a usual alias 
 happiness, sadness, surprised, fearful, disgusted, ...: ALIASES); `--class_map` names the others
 (folder:class, e.g. RAF-DB's numbered folders). Folders of any other name (contempt, ...) are
 left out and listed. Images are taken as cropped faces, as FER2013's are; with `--detect` each
-image's largest detected face is used (whole photographs: CK+ frames, JAFFE), and an image
+image's largest detected face is used (whole photographs, one person each), and an image
 without a face is listed as a problem and left out. The faces go through the model as in
 fer.predict (the run's eval.tta unless --tta says otherwise).
 
@@ -55,6 +55,9 @@ ALIASES = {  # as in CK+, FER+, AffectNet and RAF-DB's usual folder and label na
 }
 
 
+TOP_LEVEL = "(files beside the class folders)"  # how find_labelled lists them as left out
+
+
 class DataError(ValueError):
   """The --data folder or --class_map cannot be used; the message says why and what to do."""
 
@@ -91,6 +94,9 @@ def find_labelled(data, class_map: dict[str, str] | None = None):
     raise DataError(f"--data={data}: not a folder (expected one folder per class, e.g. "
                     f"{root}/happy/*.jpg)")
   labelled, skipped = [], {}
+  loose = [f for f in root.iterdir() if f.is_file() and not f.name.startswith(".")]
+  if loose:
+    skipped[TOP_LEVEL] = len(loose)
   folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
   for folder in folders:
     files, _ = predict.find_images([str(folder)])  # other files: problems, listed later

@@ -99,9 +99,11 @@ def test_unusable_data_and_class_maps_are_named(run, labelled, tmp_path):
   (tmp_path / "mixed" / "happy").mkdir(parents=True)
   Image.fromarray(np.zeros((48, 48), np.uint8)).save(tmp_path / "mixed" / "happy" / "a.png")
   (tmp_path / "mixed" / "happy" / "notes.txt").write_text("not a face")
+  (tmp_path / "mixed" / "README").write_text("beside the class folders: no class")
   results = evaluate.evaluate(run, tmp_path / "mixed", tmp_path / "out", progress_stream=None)
   assert results["faces"] == 1 and results["images"] == 2
   assert results["problems"][0]["file"].endswith("notes.txt")
+  assert results["skipped_folders"] == {evaluate.TOP_LEVEL: 1}
 
 
 def test_cli(labelled, tmp_path, tmp_path_factory):
