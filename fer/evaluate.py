@@ -5,8 +5,8 @@ r"""A trained run on another labelled data set: a folder of class folders (cross
   python -m fer.evaluate --workdir=runs/strong_s0 --data=RAF-DB/test \
       --class_map=1:surprise,2:fear,3:disgust,4:happy,5:sad,6:angry,7:neutral --out=runs/eval_raf
 
---data holds one folder per class, each with JPEG/PNG images (searched recursively). Folder
-names are matched to the 7 classes case-insensitively, by name or a usual alias (anger,
+--data holds one folder per class of images (JPEG, PNG, WebP, BMP, TIFF; searched recursively).
+Folder names are matched to the 7 classes case-insensitively, by name or a usual alias (anger,
 happiness, sadness, surprised, fearful, disgusted, ...: ALIASES); `--class_map` names the others
 (folder:class, e.g. RAF-DB's numbered folders). Folders of any other name (contempt, ...) are
 left out and listed. Images are taken as cropped faces, as FER2013's are; with `--detect` each

@@ -21,14 +21,16 @@ import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
-IMAGE_FORMATS = ("JPEG", "PNG")  # never let PIL pick other plugins (EPS runs ghostscript)
+# PIL plugins a photo may be read with; never others (EPS would run ghostscript).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+FORMAT_WORDS = "JPEG, PNG, WebP, BMP or TIFF"  # IMAGE_FORMATS, for messages
 FACE_SIZE = 48
 CASCADE_FILE = "haarcascade_frontalface_default.xml"
 SMALL_IMAGE_SIDE = 96  # no face found in an image this small: it may be a cropped face already
 
 
 class ImageError(ValueError):
-  """A file that is not a readable JPEG or PNG image; the message says why."""
+  """A file that is not a readable image of IMAGE_FORMATS; the message says why."""
 
 
 class Box(NamedTuple):
@@ -61,22 +63,26 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     raise ImageError(f"unreadable ({type(e).__name__}: {e})") from None
 
 
-_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
+_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"BM": "BMP",
+               b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}  # WebP: RIFF, 4 bytes, WEBP
 
 
 def _unidentified(path) -> str:
-  """Why PIL could not open `path`: empty, a damaged JPEG/PNG, or another kind of file."""
+  """Why PIL could not open `path`: empty, a damaged image of IMAGE_FORMATS, or another kind
+  of file."""
   try:
     with open(path, "rb") as f:
-      head = f.read(8)
+      head = f.read(12)
   except OSError as e:
     return f"unreadable ({type(e).__name__}: {e})"
   if not head:
     return "unreadable (empty file)"
+  if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+    return "unreadable (a damaged or truncated WebP)"
   for signature, name in _SIGNATURES.items():
     if head.startswith(signature):
       return f"unreadable (a damaged or truncated {name})"
-  return "not a JPEG or PNG image"
+  return f"not a {FORMAT_WORDS} image"
 
 
 def to_grey(img: Image.Image) -> np.ndarray:

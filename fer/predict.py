@@ -5,9 +5,9 @@ r"""Emotions in photos, with a trained run.
   python -m fer.predict --workdir=runs/cnn --annotate=annotated/ photos/
   python -m fer.predict --checkpoint=runs/cnn/checkpoints/last/30 --no_detect faces/
 
-Each JPEG or PNG (any size, colour or grey; folders are searched recursively) is searched for
-frontal faces (fer/faces.py); each face is cropped and preprocessed like the training data, and
-all faces are classified together, in fixed-size batches. One row per face: the file, the face
+Each JPEG, PNG, WebP, BMP or TIFF image (any size, colour or grey; folders are searched
+recursively) is searched for frontal faces (fer/faces.py); each face is cropped and preprocessed
+like the training data, and all faces are classified together, in fixed-size batches. One row per face: the file, the face
 box (x, y, w, h), the top emotion and the 7 probabilities. `--no_detect` takes each image as an
 already cropped face. Test-time augmentation is the run's `eval.tta` unless `--tta` says
 otherwise; the val accuracy printed first is the one measured with that TTA where the run has it
@@ -74,7 +74,7 @@ def define_flags():
                     "confidences that match accuracy. The predicted emotions stay the same.")
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # annotated copies keep these; others become PNG
 
 
 @dataclasses.dataclass
@@ -124,7 +124,7 @@ def find_images(paths: Sequence[str]) -> tuple[list[str], list[Problem]]:
         found += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
       if not found:
         problems.append(Problem(str(path), f"no image in this folder or its subfolders (looked "
-                                f"for JPEG and PNG files: {', '.join(IMAGE_SUFFIXES)})"))
+                                f"for {faces_lib.FORMAT_WORDS} files)"))
       files += found
     elif path.exists():
       files.append(str(path))

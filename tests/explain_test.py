@@ -14,6 +14,7 @@ import pytest
 from configs import cnn as cnn_config
 from configs import strong_resnet
 from fer import explain
+from fer import faces
 from fer.datasets import synthetic
 from fer.datasets.fer2013 import CLASSES
 from fer.models import build_model
@@ -247,9 +248,9 @@ def test_cli(tmp_path, tmp_path_factory):
 
 def test_cli_on_photos(tmp_path, tmp_path_factory):
   workdir = trained_run.tiny_run(tmp_path_factory)
-  faces, _ = synthetic.make_faces(3, seed=5)
+  images, _ = synthetic.make_faces(3, seed=5)
   for i in range(3):
-    Image.fromarray(faces[i, ..., 0]).save(tmp_path / f"face{i}.png")
+    Image.fromarray(images[i, ..., 0]).save(tmp_path / f"face{i}.png")
   (tmp_path / "notes.txt").write_text("x")
   out = tmp_path / "cam.png"
   proc = trained_run.run_module("fer.explain", f"--workdir={workdir}", "--no_detect",
@@ -258,7 +259,7 @@ def test_cli_on_photos(tmp_path, tmp_path_factory):
   rows = proc.stdout.splitlines()[1:]
   assert [pathlib.Path(r.split()[0]).name for r in rows] == [f"face{i}.png" for i in range(3)]
   assert all(r.split()[-3] in CLASSES and r.endswith("%") for r in rows), rows
-  assert "notes.txt: not a JPEG or PNG image" in proc.stderr
+  assert f"notes.txt: not a {faces.FORMAT_WORDS} image" in proc.stderr
   assert out.stat().st_size > 5_000
   empty = tmp_path / "empty"
   empty.mkdir()

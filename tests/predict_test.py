@@ -155,6 +155,33 @@ def test_no_detect_pipeline_matches_the_model(tmp_path, run, synthetic_faces):
   assert r.box == (0, 0, 48, 48) and r.emotion == CLASSES[int(np.argmax(r.probs))]
 
 
+def test_webp_bmp_and_tiff_faces_read_as_their_png(tmp_path, run, synthetic_faces):
+  """Lossless WebP, BMP, TIFF (8 and 16 bit) of a face give the PNG's pixels and probabilities."""
+  face = synthetic_faces[0, ..., 0]
+  grey = Image.fromarray(face)
+  grey.save(tmp_path / "a.png")
+  grey.save(tmp_path / "b.webp", lossless=True)
+  grey.convert("RGB").save(tmp_path / "c.bmp")
+  grey.save(tmp_path / "d.tif")
+  Image.fromarray(face.astype(np.uint16) * 257).save(tmp_path / "e.tiff")  # 16-bit grey
+  for name in ("b.webp", "c.bmp", "d.tif", "e.tiff"):
+    np.testing.assert_array_equal(faces.to_grey(faces.read_image(tmp_path / name)), face, name)
+  results = predict.predict_files(run, [tmp_path], detector=None, tta="none",
+                                  progress_stream=None)
+  assert not results.problems and len(results.faces) == 5
+  for r in results.faces:
+    np.testing.assert_allclose(r.probs, results.faces[0].probs, atol=1e-6, err_msg=r.file)
+  (tmp_path / "f.webp").write_bytes((tmp_path / "b.webp").read_bytes()[:20])
+  with pytest.raises(faces.ImageError, match="^unreadable"):
+    faces.read_image(tmp_path / "f.webp")
+  (tmp_path / "g.webp").write_bytes(b"RIFF\0\0\0\0WEBP" + b"\0" * 50)
+  with pytest.raises(faces.ImageError, match="damaged or truncated WebP"):
+    faces.read_image(tmp_path / "g.webp")
+  (tmp_path / "h.wav").write_bytes(b"RIFF\0\0\0\0WAVE" + b"\0" * 50)  # RIFF, but no WebP
+  with pytest.raises(faces.ImageError, match=f"not a {faces.FORMAT_WORDS} image"):
+    faces.read_image(tmp_path / "h.wav")
+
+
 def test_problems_are_reported_per_file_and_the_rest_runs(tmp_path, run, synthetic_faces):
   Image.fromarray(synthetic_faces[0, ..., 0]).save(tmp_path / "good.png")
   Image.fromarray(synthetic_faces[1, ..., 0]).convert("RGB").save(tmp_path / "colour.jpg")
@@ -171,7 +198,7 @@ def test_problems_are_reported_per_file_and_the_rest_runs(tmp_path, run, synthet
   results = predict.predict_files(run, [tmp_path, tmp_path / "missing.png"], FlatIsNoFace(),
                                   progress_stream=None)
   problems = {p.file.rsplit("/", 1)[-1]: p.problem for p in results.problems}
-  assert problems["notes.txt"] == "not a JPEG or PNG image"
+  assert problems["notes.txt"] == f"not a {faces.FORMAT_WORDS} image"
   assert problems["missing.png"] == "does not exist"
   assert problems["blank.jpg"] == "no face found"
   assert problems["truncated.jpg"].startswith("unreadable")
@@ -204,7 +231,7 @@ def test_a_folder_without_files_is_named_with_what_is_looked_for(tmp_path, run):
   (problem,) = results.problems
   assert problem.file == str(tmp_path / "empty")
   assert problem.problem.startswith("no image in this folder or its subfolders")
-  assert ".jpg, .jpeg, .png" in problem.problem
+  assert f"looked for {faces.FORMAT_WORDS} files" in problem.problem
   assert f"{tmp_path / 'empty'}: no image in this folder" in predict.to_table(results)
 
 
@@ -313,7 +340,8 @@ def _results():
   return predict.Results(
       faces=[predict.FaceResult("a.jpg", 1, faces.Box(1, 2, 30, 30), probs[0]),
              predict.FaceResult("a.jpg", 2, faces.Box(50, 2, 32, 32), probs[1])],
-      problems=[predict.Problem("b.txt", "not a JPEG or PNG image")], checkpoint="ck",
+      problems=[predict.Problem("b.txt", f"not a {faces.FORMAT_WORDS} image")],
+      checkpoint="ck",
       tta="none")
 
 
@@ -323,12 +351,13 @@ def test_json_csv_and_table():
   assert [f["emotion"] for f in data["faces"]] == ["happy", "surprise"]
   assert data["faces"][0]["box"] == [1, 2, 30, 30]
   assert data["faces"][1]["probabilities"]["surprise"] == pytest.approx(0.9)
-  assert data["problems"] == [{"file": "b.txt", "problem": "not a JPEG or PNG image"}]
+  assert data["problems"] == [{"file": "b.txt",
+                               "problem": f"not a {faces.FORMAT_WORDS} image"}]
   rows = list(csv.DictReader(io.StringIO(predict.to_csv(_results()))))
   assert len(rows) == 3 and rows[0]["emotion"] == "happy" and rows[0]["width"] == "30"
   assert float(rows[0]["happy"]) == pytest.approx(0.7) and rows[2]["problem"]
   table = predict.to_table(_results())
-  assert "happy" in table and "b.txt: not a JPEG or PNG image" in table
+  assert "happy" in table and f"b.txt: not a {faces.FORMAT_WORDS} image" in table
   assert "2 faces in 1 files; 1 files with problems" in table
 
 
@@ -380,7 +409,7 @@ def test_cli(tmp_path, run, synthetic_faces):
                                 f"--annotate={tmp_path / 'ann'}", tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = list(csv.DictReader(open(tmp_path / "out" / "e.csv")))
-  assert [r["problem"] for r in rows] == ["", "", "", "not a JPEG or PNG image"]
+  assert [r["problem"] for r in rows] == ["", "", "", f"not a {faces.FORMAT_WORDS} image"]
   assert "face0.png" in proc.stdout and "3 faces in 3 files" in proc.stdout
   assert sorted(p.name for p in (tmp_path / "ann").iterdir()) == [f"face{i}.png" for i in
                                                                    range(3)]
