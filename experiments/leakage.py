@@ -69,7 +69,7 @@ def _run_dirs(results: pathlib.Path, names: str) -> list[pathlib.Path]:
 def _split_key(input_cfg: dict) -> tuple:
   """What fixes a run's splits: protocol, split seed (and val fraction where it counts)."""
   protocol = input_cfg.get("protocol", "standard")
-  return (protocol, input_cfg.get("split_seed", 0),
+  return (protocol, 0 if protocol == "standard" else input_cfg.get("split_seed", 0),
           input_cfg.get("val_fraction", 0.5) if protocol == "val_fraction" else None)
 
 

@@ -188,6 +188,13 @@ def _non_finite_leaves(state):
   return bad
 
 
+
+def _warn(message: str):
+  """'WARNING: message' on stdout, beside the progress lines; once per run, by process 0 (every
+  process of a multi-host run restores the same checkpoints)."""
+  if jax.process_index() == 0:
+    print(f"WARNING: {message}", flush=True)
+
 class Checkpoints:
   """The `last/` and `best/` managers of one workdir."""
 
@@ -278,18 +285,18 @@ class Checkpoints:
       if saved is not None and (not steps or steps[0] < saved):
         msg = (f"checkpoint {saved} in {directory}: missing (it was saved, then deleted or "
                "moved)")
-        print(f"WARNING: cannot restore {msg}", flush=True)  # stdout, beside the progress
+        _warn(f"cannot restore {msg}")
         problems.append(msg)
     for s in steps:
       try:
         restored = mgr.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         if problems:
-          print(f"WARNING: using checkpoint {s} of {mgr.directory} instead", flush=True)
+          _warn(f"using checkpoint {s} of {mgr.directory} instead")
         return s, restored.state, restored.meta
       except Exception as e:  # orbax raises many types for damaged files
         msg = f"checkpoint {s} in {mgr.directory}: {_describe(e)}"
-        print(f"WARNING: cannot restore {msg}", flush=True)
+        _warn(f"cannot restore {msg}")
         problems.append(msg)
     if not problems:
       return None

@@ -35,6 +35,7 @@ cache_dir: the search runs once per data set, not at every start of such a run.
 import hashlib
 import itertools
 import pathlib
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -396,8 +397,8 @@ def cross_split_copies(splits: dict[str, dict[str, np.ndarray]], cache_dir=None,
                for s in names):
           return found
         print(f"{path}: not a mask per split of these images; searching again", flush=True)
-      except (OSError, ValueError, KeyError) as e:
-        print(f"{path}: unreadable ({e}); searching again", flush=True)
+      except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+        print(f"{path}: unreadable ({type(e).__name__}: {e}); searching again", flush=True)
   near = find_near_duplicates(splits, threshold)
   found = {s: np.zeros(len(splits[s]["image"]), bool) for s in names}
   for g in near["groups"]:

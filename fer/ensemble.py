@@ -166,13 +166,14 @@ def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
                          out / "confusion_matrix.png",
                          title=f"ensemble of {len(workdirs)}: test accuracy "
                                f"{results['test/accuracy']:.3f}")
+  dropped = configs[0].get("input", {}).get("drop_train_copies", False)
   agreement = (f"; the members agree on {results['val/member_agreement']:.1%} of val images "
                f"(mean over pairs)" if len(workdirs) > 1 else "")
   print(f"Ensemble of {len(workdirs)}: val/accuracy {results['val/accuracy']:.4f}, test/accuracy "
         f"{results['test/accuracy']:.4f}, test/macro_f1 {results['test/macro_f1']:.4f}, test/ece "
         f"{results['test/ece']:.3f} (after temperature {results['temperature']:.2f} fit on val: "
-        f"{results['test/ece_calibrated']:.3f}){agreement}.{train.copy_words(results)} Results "
-        f"in {out}/results.json", flush=True)
+        f"{results['test/ece_calibrated']:.3f}){agreement}."
+        f"{train.copy_words(results, dropped)} Results in {out}/results.json", flush=True)
   return results
 
 

@@ -15,8 +15,11 @@ without a face is listed as a problem and left out. The faces go through the mod
 fer.predict (the run's eval.tta unless --tta says otherwise).
 
 --out gets results.json (accuracy, per-class accuracy and counts, macro-F1, confusion matrix,
-expected calibration error, what was left out and why), predictions.csv (file, true class,
-predicted class, the 7 probabilities) and confusion_matrix.png; a summary goes to stdout.
+expected calibration error, what was left out and why; for data sets without some classes, such
+as CK+48 without neutral, also the accuracy choosing among the classes present only),
+predictions.csv (file, face box, true class, predicted class, the 7 probabilities) and
+confusion_matrix.png; a summary goes to stdout. --out may not be a run's workdir or lie inside
+--data.
 Exit status 2 when the run or the data cannot be used (a one-line error names it), else 0.
 """
 
@@ -98,6 +101,11 @@ def find_labelled(data, class_map: dict[str, str] | None = None):
   if loose:
     skipped[TOP_LEVEL] = len(loose)
   folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+  names = ", ".join(d.name for d in folders[:12]) or "no folders at all"
+  unused = sorted(set(class_map or {}) - {d.name.lower() for d in folders})
+  if unused:
+    raise DataError(f"--class_map names folders that {data} does not hold: {', '.join(unused)} "
+                    f"(its folders: {names})")
   for folder in folders:
     files, _ = predict.find_images([str(folder)])  # other files: problems, listed later
     cls = class_of(folder.name, class_map)
@@ -106,12 +114,33 @@ def find_labelled(data, class_map: dict[str, str] | None = None):
     else:
       labelled += [(f, CLASSES.index(cls)) for f in files]
   if not labelled:
-    names = ", ".join(d.name for d in folders[:12]) or "no folders at all"
+    splits = [d.name for d in folders if any(
+        class_of(s.name) for s in d.iterdir() if s.is_dir())]
+    hint = (f"; {', '.join(splits)} hold{'s' * (len(splits) == 1)} class folders: pass "
+            f"--data={root / splits[0]}" if splits else "")
     raise DataError(
-        f"--data={data}: no images in class folders (found: {names}). Expected folders named "
-        f"after the classes ({', '.join(CLASSES)}) or an alias (ALIASES in fer/evaluate.py), or "
-        f"name them with --class_map=folder:class,...")
+        f"--data={data}: no images in class folders (found: {names}{hint}). Expected folders "
+        f"named after the classes ({', '.join(CLASSES)}) or an alias (ALIASES in "
+        f"fer/evaluate.py), or name them with --class_map=folder:class,...")
   return labelled, skipped
+
+
+def check_out(out, data) -> pathlib.Path:
+  """`out` made (empty or an earlier evaluation's), refused where writing would damage a
+  run or feed the results back into the data: a run's workdir, or a folder inside --data."""
+  out = pathlib.Path(out)
+  if any((out / name).exists() for name in ("config.json", "checkpoints", "metrics.jsonl")):
+    raise DataError(f"--out={out} holds a training run (config.json, checkpoints): its "
+                    "results.json would be overwritten. Give the evaluation a folder of its own.")
+  if out.resolve() == pathlib.Path(data).resolve() or pathlib.Path(
+      data).resolve() in out.resolve().parents:
+    raise DataError(f"--out={out} is inside --data={data}: its files would count as images "
+                    "of a class the next time. Give the evaluation a folder outside the data.")
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise DataError(f"--out={out}: cannot create it ({type(e).__name__}: {e})") from None
+  return out
 
 
 class LargestFace:
@@ -132,10 +161,12 @@ def evaluate(run: runs.Run, data, out, class_map: dict[str, str] | None = None, 
   (module docstring); returns results.json's content."""
   tta = tta or run.config.eval.get("tta", "none")
   labelled, skipped = find_labelled(data, class_map)
+  out = check_out(out, data)
   files = [f for f, _ in labelled]
   progress = predict.Progress(len(files), progress_stream)
   detector = None if detector is None else LargestFace(detector)
-  images, where, problems = predict.extract_faces(files, detector, progress=progress)
+  images, where, problems = predict.extract_faces(files, detector, progress=progress,
+                                                  skip_detection="drop --detect")
   if not len(images):
     raise DataError(f"--data={data}: none of its {len(files)} images could be used (first "
                     f"problem: {problems[0].file}: {problems[0].problem})")
@@ -144,6 +175,9 @@ def evaluate(run: runs.Run, data, out, class_map: dict[str, str] | None = None, 
   probs = predict.make_classifier(run, tta, batch_size)(images)
   m = metrics_lib.classification_metrics(probs, labels, "eval")
   counts = np.bincount(labels, minlength=len(CLASSES))
+  # Data sets without some classes (CK+48 has no neutral): the usual figure there picks among
+  # the classes present only.
+  present = np.where(counts > 0, probs, -1.0).argmax(1)
   results = {
       "data": str(data),
       "checkpoint": str(run.checkpoint.path),
@@ -155,18 +189,18 @@ def evaluate(run: runs.Run, data, out, class_map: dict[str, str] | None = None, 
       "faces": int(len(labels)),
       "per_class_count": counts.tolist(),
       **m,
+      "eval/accuracy_present_classes": float((present == labels).mean()),
       "class_map": dict(sorted((class_map or {}).items())),
       "skipped_folders": skipped,
       "problems": [{"file": p.file, "problem": p.problem} for p in problems],
   }
-  out = pathlib.Path(out)
-  out.mkdir(parents=True, exist_ok=True)
   fileio.write_json_atomic(out / "results.json", results)
   buffer = io.StringIO()
   writer = csv.writer(buffer)
-  writer.writerow(["file", "label", "predicted", *CLASSES])
-  for (file, _), y, p in zip(where, labels, probs):
-    writer.writerow([file, CLASSES[y], CLASSES[int(np.argmax(p))], *(f"{v:.6f}" for v in p)])
+  writer.writerow(["file", "x", "y", "w", "h", "label", "predicted", *CLASSES])
+  for (file, box), y, p in zip(where, labels, probs):
+    writer.writerow([file, *box, CLASSES[y], CLASSES[int(np.argmax(p))],
+                     *(f"{v:.6f}" for v in p)])
   fileio.write_text_atomic(out / "predictions.csv", buffer.getvalue())
   from fer import plots  # pylint: disable=import-outside-toplevel
   plots.confusion_matrix(np.array(m["eval/confusion_matrix"]), CLASSES,
@@ -183,6 +217,9 @@ def summary(results: dict) -> str:
   lines = [f"{results['faces']:,} faces from {results['data']}: accuracy "
            f"{results['eval/accuracy']:.4f}, macro-F1 {results['eval/macro_f1']:.4f}, ECE "
            f"{results['eval/ece']:.3f} ({how})"]
+  if 0 in results["per_class_count"]:
+    lines.append(f"Accuracy choosing among the {sum(n > 0 for n in results['per_class_count'])} "
+                 f"classes present only: {results['eval/accuracy_present_classes']:.4f}")
   for cls, n, acc in zip(CLASSES, results["per_class_count"],
                          results["eval/per_class_accuracy"]):
     lines.append(f"  {cls:9s} {n:6,} faces  " + ("-" if acc is None else f"{acc:.3f}"))
@@ -218,13 +255,14 @@ def main(argv: Sequence[str]) -> int:
   try:
     class_map = parse_class_map(f.class_map)
     find_labelled(f.data, class_map)  # a wrong folder fails before the model loads
+    check_out(f.out, f.data)
     run = runs.load_for_cli(f.workdir, f.checkpoint)
     detector = faces_lib.FaceDetector(min_size=f.min_face) if f.detect else None
     tta = f.tta or run.config.eval.get("tta", "none")
     print(f"Model: {run.checkpoint.path} (epoch {run.checkpoint.epoch}, "
           f"{runs.val_accuracy_line(run, tta)})", file=sys.stderr, flush=True)
     results = evaluate(run, f.data, f.out, class_map, detector, tta, f.batch_size)
-  except (DataError, runs.RunError, RuntimeError) as e:
+  except (DataError, runs.RunError, RuntimeError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   sys.stdout.write(summary(results))

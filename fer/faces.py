@@ -63,8 +63,8 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     raise ImageError(f"unreadable ({type(e).__name__}: {e})") from None
 
 
-_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"BM": "BMP",
-               b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}  # WebP: RIFF, 4 bytes, WEBP
+_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"II*\x00": "TIFF",
+               b"MM\x00*": "TIFF"}  # WebP: _unidentified looks further in; BMP: PIL says
 
 
 def _unidentified(path) -> str:
@@ -85,13 +85,16 @@ def _unidentified(path) -> str:
   return f"not a {FORMAT_WORDS} image"
 
 
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # PIL modes of more than 8 bits per pixel
+
+
 def to_grey(img: Image.Image) -> np.ndarray:
   """uint8 [H, W]: PIL's "L" conversion (ITU-R 601 luma), as the training data's build does.
 
   16-bit and float images (PNG "I;16", "I", "F") are scaled to 8 bits first (PIL's "L" would
   clip them).
   """
-  if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+  if img.mode in WIDE_MODES:
     a = np.asarray(img, np.float64)
     top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
     return np.clip(np.round(a * (255.0 / top)), 0, 255).astype(np.uint8)
@@ -126,13 +129,14 @@ def crop_face(grey: np.ndarray, box: Box, margin: float = 0.1,
   return np.ascontiguousarray(crop, np.uint8)[..., None]
 
 
-def no_face_problem(grey: np.ndarray) -> str:
+def no_face_problem(grey: np.ndarray, skip_detection: str = "pass --no_detect") -> str:
   """What to report when the detector finds no face in `grey`: in a small image, the hint that
-  it may be a cropped face already (FER2013's are 48x48), for which detection is to be skipped."""
+  it may be a cropped face already (FER2013's are 48x48), for which detection is to be skipped
+  (how, in the words of the command: `skip_detection`)."""
   height, width = grey.shape[:2]
   if max(height, width) <= SMALL_IMAGE_SIDE:
-    return (f"no face found (a {width}x{height} image: if it is a cropped face already, pass "
-            "--no_detect)")
+    return (f"no face found (a {width}x{height} image: if it is a cropped face already, "
+            f"{skip_detection})")
   return "no face found"
 
 

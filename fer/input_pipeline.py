@@ -7,7 +7,8 @@
                 val; test = PublicTest + PrivateTest (7,178 images)
   val_fraction  train/val = a stratified split of Training (val gets config.input.val_fraction);
                 test = PrivateTest
-Splits are deterministic for a split_seed, stratified per class and disjoint.
+Splits are deterministic for a split_seed, stratified per class and disjoint. FER2013's test
+split also carries 'train_copy' (bool [N]: the face has a near copy in train; load_splits).
 """
 
 import os

@@ -159,10 +159,11 @@ class Progress:
 
 
 def extract_faces(files: Sequence[str], detector=None, margin: float = 0.1,
-                  progress: Progress | None = None):
+                  progress: Progress | None = None, skip_detection: str = "pass --no_detect"):
   """(faces uint8 [N, 48, 48, 1], [(file, box)], [Problem]) for every face of every file.
 
   `detector` has detect(grey) -> [Box]; None takes each image as a cropped face.
+  `skip_detection`: how the calling command turns detection off, for the no-face hint.
   """
   crops, where, problems = [], [], []
   for i, file in enumerate(files):
@@ -176,7 +177,7 @@ def extract_faces(files: Sequence[str], detector=None, margin: float = 0.1,
       else:
         boxes, file_margin = detector.detect(grey), margin
       if not boxes:
-        problems.append(Problem(file, faces_lib.no_face_problem(grey)))
+        problems.append(Problem(file, faces_lib.no_face_problem(grey, skip_detection)))
       for box in boxes:
         crops.append(faces_lib.crop_face(grey, box, file_margin))
         where.append((file, box))
@@ -298,7 +299,10 @@ def annotate(results: Results, out_dir, files: Sequence[str] | None = None) -> l
       img = faces_lib.read_image(file)
     except faces_lib.ImageError:
       continue
-    rgb = np.array(img.convert("RGB"))
+    if img.mode in faces_lib.WIDE_MODES:  # 16-bit, float: scaled, not clipped
+      rgb = np.repeat(faces_lib.to_grey(img)[..., None], 3, axis=2)
+    else:
+      rgb = np.array(img.convert("RGB"))
     side = min(rgb.shape[:2])
     thickness = max(1, round(side / 300))
     for r in by_file.get(file, []):

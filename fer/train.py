@@ -358,7 +358,8 @@ def format_duration(seconds) -> str:
 
 def load_data(config, workdir):
   """{'train', 'val', 'test'} -> {'image', 'label'} arrays: the images (uint8 [N, 48, 48, 1]) or,
-  for a model trained on cached features, those features."""
+  for a model trained on cached features, those features (FER2013's test also 'train_copy':
+  input_pipeline.load_splits)."""
   if config.model.name == "vgg16_head":
     from fer import features  # pylint: disable=import-outside-toplevel
     return features.load_or_compute(config, workdir)
@@ -647,14 +648,17 @@ def load_variables(path) -> dict:
   return runs.restore_variables(runs.resolve_checkpoint(checkpoint=path))
 
 
-def copy_words(results: dict) -> str:
+def copy_words(results: dict, dropped: bool = False) -> str:
   """' On the test faces without a near copy in train (N have one): test/accuracy A.' where
-  results have it (FER2013 runs), else ''."""
+  results have it (FER2013 runs), else ''. With `dropped` (input.drop_train_copies), the copies
+  were in train before the run dropped them, and the sentence says so."""
   clean = results.get("test/accuracy_no_train_copy")
   if clean is None:
     return ""
   n = results["test/train_copies"]
-  return (f" On the test faces without a near copy in train ({n:,} have one): test/accuracy "
+  had = (f"{n:,} had one, which input.drop_train_copies took out of train" if dropped else
+         f"{n:,} have one")
+  return (f" On the test faces without a near copy in train ({had}): test/accuracy "
           f"{clean:.4f}.")
 
 
@@ -720,6 +724,7 @@ def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, mode
     fileio.write_json_atomic(workdir / "results.json", results)
   print(f"Best epoch {best_epoch}: val/accuracy {results['val/accuracy']:.4f}, test/accuracy "
         f"{results['test/accuracy']:.4f}, test/macro_f1 {results['test/macro_f1']:.4f} "
-        f"({tta_words(config.eval.tta)}).{copy_words(results)} Results in "
+        f"({tta_words(config.eval.tta)})."
+        f"{copy_words(results, config.input.get('drop_train_copies', False))} Results in "
         f"{workdir}/results.json", flush=True)
   return results

@@ -211,9 +211,11 @@ def test_train_copies_are_cached_per_content(tmp_path, monkeypatch, capsys):
   assert duplicates.train_copies(splits, cache, threshold=1.01).tolist() == []
   assert len(list(cache.glob("copies_*.npz"))) == 3
   # A damaged cache file costs a search, with a note, and is replaced.
-  saved.write_bytes(b"not numpy")
-  np.testing.assert_array_equal(duplicates.train_copies(splits, cache), expected)
-  assert f"{saved}: unreadable" in capsys.readouterr().out
+  good = saved.read_bytes()
+  for damaged in (b"not numpy", good[:len(good) // 2]):  # a ValueError; a zipfile.BadZipFile
+    saved.write_bytes(damaged)
+    np.testing.assert_array_equal(duplicates.train_copies(splits, cache), expected)
+    assert f"{saved}: unreadable" in capsys.readouterr().out
   masks = dict(np.load(saved))
   assert np.flatnonzero(masks["train"]).tolist() == expected
   assert np.flatnonzero(masks["val"]).tolist() == [0] and np.flatnonzero(masks["test"]).tolist() == [1]

@@ -52,6 +52,8 @@ def test_accuracy_and_predictions_are_the_models_on_the_mapped_folders(run, labe
   assert results["eval/accuracy"] == pytest.approx(float((probs.argmax(1) == y).mean()))
   assert results["per_class_count"] == [5, 0, 0, 5, 5, 0, 5]
   assert results["eval/per_class_accuracy"][1] is None  # no disgust folder
+  among = np.where(np.isin(np.arange(7), [0, 3, 4, 6]), probs, -1).argmax(1)
+  assert results["eval/accuracy_present_classes"] == pytest.approx(float((among == y).mean()))
   assert results["skipped_folders"] == {"contempt": 5} and results["problems"] == []
   saved = json.loads((tmp_path / "out" / "results.json").read_text())
   assert saved == json.loads(json.dumps(results))
@@ -60,6 +62,7 @@ def test_accuracy_and_predictions_are_the_models_on_the_mapped_folders(run, labe
   by_file = {r["file"]: r for r in rows}
   row = by_file[str(root / "happiness" / "sub" / "0.png")]
   np.testing.assert_allclose([float(row[c]) for c in CLASSES], probs[5], atol=1e-5)
+  assert [row[k] for k in "xywh"] == ["0", "0", "48", "48"]
   assert (tmp_path / "out" / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
   text = evaluate.summary(results)
   assert "20 faces from" in text and "contempt (5 images)" in text
@@ -80,11 +83,22 @@ def test_class_map_names_other_folders_and_a_detector_keeps_the_largest_face(run
   detected = evaluate.evaluate(run, root, tmp_path / "det", class_map, TwoFaces(), tta="none",
                                progress_stream=None)
   assert detected["detect"] and detected["faces"] == 25
-  # A margin around the whole image pads it: not the same crop as the image itself, but close.
-  assert abs(detected["eval/accuracy"] - results["eval/accuracy"]) <= 0.5
+  # Each face is the crop of the big box (with fer.predict's margin), not of the small one.
+  rows = list(csv.DictReader((tmp_path / "det" / "predictions.csv").open()))
+  assert {tuple(r[k] for k in "xywh") for r in rows} == {("0", "0", "48", "48")}
+  grey = np.asarray(Image.open(rows[0]["file"]))
+  crop = evaluate.faces_lib.crop_face(grey, evaluate.faces_lib.Box(0, 0, 48, 48), 0.1)
+  expected = np.asarray(train.make_predict(run.model, "none")(run.variables, crop[None]))[0]
+  np.testing.assert_allclose([float(rows[0][c]) for c in CLASSES], expected, atol=1e-5)
+
+  class NoFace:
+    def detect(self, grey):
+      return []
+  with pytest.raises(evaluate.DataError, match=r"if it is a cropped face already, drop --detect"):
+    evaluate.evaluate(run, root, tmp_path / "none", class_map, NoFace(), progress_stream=None)
 
 
-def test_unusable_data_and_class_maps_are_named(run, labelled, tmp_path):
+def test_unusable_data_and_class_maps_are_named(run, labelled, tmp_path, tmp_path_factory):
   root, _ = labelled
   with pytest.raises(evaluate.DataError, match="not a folder"):
     evaluate.evaluate(run, tmp_path / "missing", tmp_path / "out")
@@ -95,6 +109,18 @@ def test_unusable_data_and_class_maps_are_named(run, labelled, tmp_path):
   for bad in ("1", "1:contempt", ":happy"):
     with pytest.raises(evaluate.DataError, match="expected folder:class"):
       evaluate.parse_class_map(bad)
+  with pytest.raises(evaluate.DataError, match=r"does not hold: 8 \(its folders: 1\)"):
+    evaluate.evaluate(run, tmp_path / "plain", tmp_path / "out", {"1": "sad", "8": "happy"})
+  # The folder above the split folders: the error says which one to pass.
+  (tmp_path / "raf" / "test" / "happy").mkdir(parents=True)
+  with pytest.raises(evaluate.DataError, match=f"pass --data={tmp_path / 'raf' / 'test'}"):
+    evaluate.evaluate(run, tmp_path / "raf", tmp_path / "out")
+  # --out may not be a run (its results.json) nor lie inside the data.
+  with pytest.raises(evaluate.DataError, match="holds a training run"):
+    evaluate.evaluate(run, root, trained_run.tiny_run(tmp_path_factory))
+  with pytest.raises(evaluate.DataError, match="is inside --data"):
+    evaluate.evaluate(run, root, root / "happiness" / "eval")
+  assert not (root / "happiness" / "eval").exists()
   # A file that is no image is listed as a problem; the rest is evaluated.
   (tmp_path / "mixed" / "happy").mkdir(parents=True)
   Image.fromarray(np.zeros((48, 48), np.uint8)).save(tmp_path / "mixed" / "happy" / "a.png")
@@ -118,3 +144,8 @@ def test_cli(labelled, tmp_path, tmp_path_factory):
                                 f"--out={tmp_path / 'out2'}")
   assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --data=")
   assert not (tmp_path / "out2").exists()
+  (tmp_path / "file").write_text("where --out's folder would go")
+  proc = trained_run.run_module("fer.evaluate", f"--workdir={workdir}", f"--data={root}",
+                                f"--out={tmp_path / 'file' / 'out'}")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --out={tmp_path / 'file'}")

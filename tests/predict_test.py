@@ -171,6 +171,10 @@ def test_webp_bmp_and_tiff_faces_read_as_their_png(tmp_path, run, synthetic_face
   assert not results.problems and len(results.faces) == 5
   for r in results.faces:
     np.testing.assert_allclose(r.probs, results.faces[0].probs, atol=1e-6, err_msg=r.file)
+  # The annotated copy of the 16-bit TIFF shows the face (scaled to 8 bits, not clipped white).
+  (annotated,) = predict.annotate(results, tmp_path / "ann", [str(tmp_path / "e.tiff")])
+  centre = np.asarray(Image.open(annotated).convert("L"))[12:30, 12:36]
+  np.testing.assert_array_equal(centre, face[12:30, 12:36])
   (tmp_path / "f.webp").write_bytes((tmp_path / "b.webp").read_bytes()[:20])
   with pytest.raises(faces.ImageError, match="^unreadable"):
     faces.read_image(tmp_path / "f.webp")
@@ -180,6 +184,13 @@ def test_webp_bmp_and_tiff_faces_read_as_their_png(tmp_path, run, synthetic_face
   (tmp_path / "h.wav").write_bytes(b"RIFF\0\0\0\0WAVE" + b"\0" * 50)  # RIFF, but no WebP
   with pytest.raises(faces.ImageError, match=f"not a {faces.FORMAT_WORDS} image"):
     faces.read_image(tmp_path / "h.wav")
+  (tmp_path / "i.txt").write_text("BMW, BMX: text that starts like a BMP")
+  with pytest.raises(faces.ImageError, match="^unreadable") as e:  # PIL's BMP reader fails
+    faces.read_image(tmp_path / "i.txt")
+  assert "BMP" not in str(e.value)  # not called a damaged BMP for its first two letters
+  (tmp_path / "j.bmp").write_bytes((tmp_path / "c.bmp").read_bytes()[:40])
+  with pytest.raises(faces.ImageError, match="^unreadable"):
+    faces.read_image(tmp_path / "j.bmp")
 
 
 def test_problems_are_reported_per_file_and_the_rest_runs(tmp_path, run, synthetic_faces):

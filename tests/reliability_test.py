@@ -194,6 +194,7 @@ def test_damaged_newest_checkpoints_fall_back_to_the_newest_good_one(tmp_path, r
   proc = _ok(run_main(workdir))
   warnings = [l for l in proc.stdout.splitlines() if l.startswith("WARNING: cannot restore")]
   assert len(warnings) == 2, proc.stdout
+  assert "estore checkpoint" not in proc.stderr  # said once, on stdout, not again by logging
   assert re.search(r"checkpoint 3 in \S+/last: missing", warnings[0]), warnings[0]
   # tensorstore's own error: the array, the file and the byte range it could not read
   assert re.search(r"checkpoint 2 in \S+/last: ValueError: .*last/2/state.*byte range",

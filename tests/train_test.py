@@ -111,6 +111,11 @@ def test_test_accuracy_with_and_without_a_train_copy_is_reported(tmp_path, capsy
   assert results["test/accuracy_no_train_copy"] == pytest.approx(correct[~copy].mean())
   assert (f"test faces without a near copy in train (38 have one): test/accuracy "
           f"{correct[~copy].mean():.4f}") in capsys.readouterr().out
+  # A run trained without the copies says the faces had them.
+  assert train.copy_words(results, dropped=True) == (
+      " On the test faces without a near copy in train (38 had one, which "
+      f"input.drop_train_copies took out of train): test/accuracy {correct[~copy].mean():.4f}.")
+  assert train.copy_words({"test/accuracy": 0.5}) == ""  # synthetic data: nothing to say
 
 
 def test_steps_per_dispatch_does_not_change_training(tmp_path):
