@@ -27,13 +27,15 @@ two different faces 0.07-0.5 (median 0.25). The candidate stage bounds recall: i
 copy with its original for all of these but 2-px shifts (96%), 10% zooms (94%) and 4-px shifts
 (48%); on a sample, 5 nearest instead of 2 found 2% more test images with a copy in train.
 
-`train_copies(splits, cache_dir)` lists the train images whose near-duplicate group holds a val or
-test image (what input.drop_train_copies drops), cached per split contents and method in
-cache_dir: the search runs once per data set, not at every start of such a run.
+`cross_split_copies(splits, cache_dir)` marks the images with a near copy in another split (test
+faces with one in train: the copy-free test accuracy of every run; train images with one in val
+or test: what input.drop_train_copies drops), cached per split contents and method in cache_dir:
+the search runs once per set of splits, not at every start of a run.
 """
 
 import hashlib
 import itertools
+import os
 import pathlib
 import zipfile
 
@@ -373,32 +375,44 @@ def _cache_key(splits: dict[str, dict[str, np.ndarray]], threshold: float) -> st
   return h.hexdigest()
 
 
+def _read_masks(path: pathlib.Path, splits) -> dict[str, np.ndarray] | None:
+  """The cached masks at `path` when they fit `splits`, else None (with a note if damaged)."""
+  try:
+    with np.load(path, allow_pickle=False) as saved:
+      found = {s: saved[s] for s in splits}
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+    print(f"{path}: unreadable ({type(e).__name__}: {e}); searching again", flush=True)
+    return None
+  if all(found[s].dtype == bool and found[s].shape == (len(splits[s]["image"]),) for s in splits):
+    return found
+  print(f"{path}: not a mask per split of these images; searching again", flush=True)
+  return None
+
+
 def cross_split_copies(splits: dict[str, dict[str, np.ndarray]], cache_dir=None,
                        threshold: float = NEAR_THRESHOLD) -> dict[str, np.ndarray]:
   """Which images have a near copy in another split: {'train': bool [N_train] (its near-duplicate
   group holds a val or test image: the train faces that are also evaluated on), 'val' and 'test':
   bool [N] (the group holds a train image)}. `splits`: {'train', 'val', 'test'}: {'image', ...}.
 
-  The search takes 15-40 s on FER2013 on a 2-core CPU. With `cache_dir`, the answer is kept there
-  as copies_<key>.npz, where the key hashes the images and the method's settings; a later call
-  with the same images reads it back. A cache file that cannot be read or written only costs the
-  search again (with a note).
+  The search takes 15-40 s on FER2013 on a 2-core CPU. With `cache_dir` (a folder, or a list of
+  folders: the first that holds the answer is read, the first that can be written keeps it), the
+  answer is kept as copies_<key>.npz, where the key hashes the images and the method's settings;
+  a later call with the same images reads it back. A cache file that cannot be read or written
+  only costs the search again (with a note).
   """
   names = ("train", "val", "test")
   splits = {s: splits[s] for s in names}
-  path = None
-  if cache_dir is not None:
-    path = pathlib.Path(cache_dir) / f"copies_{_cache_key(splits, threshold)[:32]}.npz"
-    if path.exists():
-      try:
-        with np.load(path, allow_pickle=False) as saved:
-          found = {s: saved[s] for s in names}
-        if all(found[s].dtype == bool and found[s].shape == (len(splits[s]["image"]),)
-               for s in names):
-          return found
-        print(f"{path}: not a mask per split of these images; searching again", flush=True)
-      except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-        print(f"{path}: unreadable ({type(e).__name__}: {e}); searching again", flush=True)
+  if cache_dir is None:
+    dirs = []
+  elif isinstance(cache_dir, (str, os.PathLike)):
+    dirs = [pathlib.Path(cache_dir)]
+  else:
+    dirs = [pathlib.Path(d) for d in cache_dir]
+  name = f"copies_{_cache_key(splits, threshold)[:32]}.npz" if dirs else ""
+  for d in dirs:
+    if (d / name).exists() and (found := _read_masks(d / name, splits)) is not None:
+      return found
   near = find_near_duplicates(splits, threshold)
   found = {s: np.zeros(len(splits[s]["image"]), bool) for s in names}
   for g in near["groups"]:
@@ -406,12 +420,17 @@ def cross_split_copies(splits: dict[str, dict[str, np.ndarray]], cache_dir=None,
     for m in g["members"]:  # train: a val or test image in the group; val, test: a train one
       other = in_group - {"train"} if m["split"] == "train" else in_group & {"train"}
       found[m["split"]][m["index"]] = bool(other)
-  if path is not None:
+  failures = []
+  for d in dirs:
     try:
-      fileio.save_npz_atomic(path, **found)
+      fileio.save_npz_atomic(d / name, **found)
+      break
     except OSError as e:
-      print(f"{path}: could not cache the near copies ({e}); the next run searches again",
-            flush=True)
+      failures.append(f"{d}: {e}")
+  else:
+    if failures:
+      print(f"could not cache the near copies ({'; '.join(failures)}); the next run searches "
+            "again", flush=True)
   return found
 
 

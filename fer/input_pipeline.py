@@ -33,6 +33,13 @@ def resolve_data_dir(data_dir: str = "") -> pathlib.Path:
   return pathlib.Path(value).expanduser()
 
 
+def near_duplicates_cache(data_dir: str = "") -> tuple[pathlib.Path, pathlib.Path]:
+  """Where the near-copy search's answers are kept: the data dir, and where it cannot be written
+  (a shared, read-only data set) the user's cache ($XDG_CACHE_HOME or ~/.cache, fer/)."""
+  user = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "fer"
+  return (resolve_data_dir(data_dir) / NEAR_DUPLICATES_CACHE, user / NEAR_DUPLICATES_CACHE)
+
+
 def prepare(archive: str = "", data_dir: str = "", verbose: bool = True) -> fer2013.Fer2013:
   """The FER2013 builder, prepared into the data dir on first use and reused afterwards.
 
@@ -165,7 +172,7 @@ def load_splits(input_cfg, with_names: bool = False) -> dict[str, dict[str, np.n
     raise ValueError(f"config.input.source={input_cfg.source!r}: expected fer2013 or synthetic")
   cache = None  # synthetic faces: copies of a few templates, nothing to report or keep
   if input_cfg.source == "fer2013":
-    cache = resolve_data_dir(input_cfg.data_dir) / NEAR_DUPLICATES_CACHE
+    cache = near_duplicates_cache(input_cfg.data_dir)
     copies = duplicates.cross_split_copies(out, cache)
     out["test"] = {**out["test"], "train_copy": copies["test"]}
   if input_cfg.get("drop_train_copies", False):

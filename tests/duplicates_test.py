@@ -225,12 +225,26 @@ def test_train_copies_are_cached_per_content(tmp_path, monkeypatch, capsys):
   assert "not a mask per split of these images" in capsys.readouterr().out
 
 
-def test_train_copies_when_the_cache_cannot_be_written(tmp_path, capsys):
+def test_train_copies_when_the_cache_cannot_be_written(tmp_path, monkeypatch, capsys):
   splits, expected = _planted()
   blocked = tmp_path / "file"
   blocked.write_text("a file where the cache folder would go")
   np.testing.assert_array_equal(duplicates.train_copies(splits, blocked / "cache"), expected)
   assert "could not cache the near copies" in capsys.readouterr().out
+  # A read-only data dir: the next folder of the list keeps the answer, and gives it back.
+  fallback = tmp_path / "user_cache"
+  np.testing.assert_array_equal(
+      duplicates.train_copies(splits, [blocked / "cache", fallback]), expected)
+  assert "could not cache" not in capsys.readouterr().out
+  assert len(list(fallback.glob("copies_*.npz"))) == 1
+  monkeypatch.setattr(duplicates, "find_near_duplicates", None)  # a search would fail
+  np.testing.assert_array_equal(
+      duplicates.train_copies(splits, [blocked / "cache", fallback]), expected)
+  # load_splits' list: the data dir, then the user's cache.
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert input_pipeline.near_duplicates_cache(str(tmp_path / "data")) == (
+      tmp_path / "data" / "fer2013_near_duplicates", tmp_path / "xdg" / "fer" /
+      "fer2013_near_duplicates")
 
 
 def test_load_splits_caches_fer2013_train_copies_in_the_data_dir(tmp_path, monkeypatch, capsys):
