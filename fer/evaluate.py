@@ -2,6 +2,7 @@ r"""A trained run on another labelled data set: a folder of class folders (cross
 
   python -m fer.evaluate --workdir=runs/strong_s0 --data=CK+48 --out=runs/eval_ckplus
   python -m fer.evaluate --workdir=runs/strong_s0 --data=my_photos --detect --out=runs/eval_photos
+  python -m fer.evaluate --workdir=runs/strong_s0,runs/strong_s1 --data=CK+48 --out=runs/eval_ens
   python -m fer.evaluate --workdir=runs/strong_s0 --data=RAF-DB/test \
       --class_map=1:surprise,2:fear,3:disgust,4:happy,5:sad,6:angry,7:neutral --out=runs/eval_raf
 
@@ -12,7 +13,8 @@ happiness, sadness, surprised, fearful, disgusted, ...: ALIASES); `--class_map` 
 left out and listed. Images are taken as cropped faces, as FER2013's are; with `--detect` each
 image's largest detected face is used (whole photographs, one person each), and an image
 without a face is listed as a problem and left out. The faces go through the model as in
-fer.predict (the run's eval.tta unless --tta says otherwise).
+fer.predict (the run's eval.tta unless --tta says otherwise); several --workdir runs are an
+ensemble, their probabilities averaged, as fer.ensemble does.
 
 --out gets results.json (accuracy, per-class accuracy and counts, macro-F1, confusion matrix,
 expected calibration error, what was left out and why; for data sets without some classes, such
@@ -154,12 +156,14 @@ class LargestFace:
     return [max(boxes, key=lambda b: b.w * b.h)] if boxes else []
 
 
-def evaluate(run: runs.Run, data, out, class_map: dict[str, str] | None = None, detector=None,
-             tta: str | None = None, batch_size: int = 256,
-             progress_stream=sys.stderr) -> dict:
-  """Classifies every labelled image under `data` with `run` and writes the results into `out`
-  (module docstring); returns results.json's content."""
-  tta = tta or run.config.eval.get("tta", "none")
+def evaluate(run: runs.Run | Sequence[runs.Run], data, out,
+             class_map: dict[str, str] | None = None, detector=None, tta: str | None = None,
+             batch_size: int = 256, progress_stream=sys.stderr) -> dict:
+  """Classifies every labelled image under `data` with `run` (or an ensemble: several runs, whose
+  probabilities are averaged, each with its own eval.tta unless `tta` is given) and writes the
+  results into `out` (module docstring); returns results.json's content."""
+  members = [run] if isinstance(run, runs.Run) else list(run)
+  ttas = [tta or m.config.eval.get("tta", "none") for m in members]
   labelled, skipped = find_labelled(data, class_map)
   out = check_out(out, data)
   files = [f for f, _ in labelled]
@@ -172,7 +176,8 @@ def evaluate(run: runs.Run, data, out, class_map: dict[str, str] | None = None, 
                     f"problem: {problems[0].file}: {problems[0].problem})")
   label_of = dict(labelled)
   labels = np.array([label_of[f] for f, _ in where], np.int32)
-  probs = predict.make_classifier(run, tta, batch_size)(images)
+  probs = np.mean([predict.make_classifier(m, member_tta, batch_size)(images)
+                   for m, member_tta in zip(members, ttas)], axis=0)
   m = metrics_lib.classification_metrics(probs, labels, "eval")
   counts = np.bincount(labels, minlength=len(CLASSES))
   # Data sets without some classes (CK+48 has no neutral): the usual figure there picks among
@@ -180,9 +185,10 @@ def evaluate(run: runs.Run, data, out, class_map: dict[str, str] | None = None, 
   present = np.where(counts > 0, probs, -1.0).argmax(1)
   results = {
       "data": str(data),
-      "checkpoint": str(run.checkpoint.path),
-      "epoch": run.checkpoint.epoch,
-      "tta": tta,
+      "checkpoint": "/".join(str(m.checkpoint.path) for m in members),
+      "epoch": "/".join(str(m.checkpoint.epoch) for m in members),
+      "tta": "/".join(sorted(set(ttas))),
+      "ensemble_size": len(members),
       "detect": detector is not None,
       "classes": list(CLASSES),
       "images": len(files),
@@ -212,7 +218,8 @@ def evaluate(run: runs.Run, data, out, class_map: dict[str, str] | None = None, 
 def summary(results: dict) -> str:
   """The results as a few lines: accuracy, per class, what was left out."""
   from fer import train  # pylint: disable=import-outside-toplevel
-  how = train.tta_words(results["tta"]) + (
+  how = "/".join(map(train.tta_words, results["tta"].split("/"))) + (
+      f", ensemble of {results['ensemble_size']}" if results["ensemble_size"] > 1 else "") + (
       ", largest detected face per image" if results["detect"] else "")
   lines = [f"{results['faces']:,} faces from {results['data']}: accuracy "
            f"{results['eval/accuracy']:.4f}, macro-F1 {results['eval/macro_f1']:.4f}, ECE "
@@ -233,7 +240,8 @@ def summary(results: dict) -> str:
 
 
 def define_flags():
-  flags.DEFINE_string("workdir", None, "A trained run's workdir (its best checkpoint).")
+  flags.DEFINE_list("workdir", None, "A trained run's workdir (its best checkpoint), or several, "
+                    "comma-separated: an ensemble (their probabilities averaged).")
   flags.DEFINE_string("checkpoint", None, "A checkpoint folder instead of the best one.")
   flags.DEFINE_string("data", None, "A folder of class folders of face images.")
   flags.DEFINE_string("out", None, "Folder for results.json, predictions.csv and the figure.")
@@ -256,12 +264,16 @@ def main(argv: Sequence[str]) -> int:
     class_map = parse_class_map(f.class_map)
     find_labelled(f.data, class_map)  # a wrong folder fails before the model loads
     check_out(f.out, f.data)
-    run = runs.load_for_cli(f.workdir, f.checkpoint)
+    if f.checkpoint and len(f.workdir or []) > 1:
+      raise DataError("--checkpoint names one model: give it alone, or --workdir=A,B,... for an "
+                      "ensemble of runs' best checkpoints")
+    members = [runs.load_for_cli(w, f.checkpoint) for w in (f.workdir or [None])]
     detector = faces_lib.FaceDetector(min_size=f.min_face) if f.detect else None
-    tta = f.tta or run.config.eval.get("tta", "none")
-    print(f"Model: {run.checkpoint.path} (epoch {run.checkpoint.epoch}, "
-          f"{runs.val_accuracy_line(run, tta)})", file=sys.stderr, flush=True)
-    results = evaluate(run, f.data, f.out, class_map, detector, tta, f.batch_size)
+    for m in members:
+      tta = f.tta or m.config.eval.get("tta", "none")
+      print(f"Model: {m.checkpoint.path} (epoch {m.checkpoint.epoch}, "
+            f"{runs.val_accuracy_line(m, tta)})", file=sys.stderr, flush=True)
+    results = evaluate(members, f.data, f.out, class_map, detector, f.tta, f.batch_size)
   except (DataError, runs.RunError, RuntimeError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -1,9 +1,11 @@
 """fer.evaluate: a run on a folder of class folders, against the model's own probabilities."""
 
 import csv
+import dataclasses
 import json
 import re
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -98,6 +100,22 @@ def test_class_map_names_other_folders_and_a_detector_keeps_the_largest_face(run
     evaluate.evaluate(run, root, tmp_path / "none", class_map, NoFace(), progress_stream=None)
 
 
+def test_several_runs_are_an_ensemble_of_their_probabilities(run, labelled, tmp_path):
+  root, faces = labelled
+  other = dataclasses.replace(run, variables=jax.tree.map(lambda v: v * 0.5, run.variables))
+  results = evaluate.evaluate([run, other], root, tmp_path / "out", tta="none",
+                              progress_stream=None)
+  x = faces["happiness"]
+  expected = np.mean([np.asarray(train.make_predict(m.model, "none")(m.variables, x))
+                      for m in (run, other)], axis=0)
+  rows = [r for r in csv.DictReader((tmp_path / "out" / "predictions.csv").open())
+          if "/happiness/" in r["file"]]
+  rows.sort(key=lambda r: r["file"].replace("/sub/", "/"))  # 0.png (in sub/) first
+  np.testing.assert_allclose([[float(r[c]) for c in CLASSES] for r in rows], expected, atol=1e-5)
+  assert results["ensemble_size"] == 2 and results["checkpoint"].count("/") >= 1
+  assert "ensemble of 2" in evaluate.summary(results)
+
+
 def test_unusable_data_and_class_maps_are_named(run, labelled, tmp_path, tmp_path_factory):
   root, _ = labelled
   with pytest.raises(evaluate.DataError, match="not a folder"):
@@ -140,6 +158,11 @@ def test_cli(labelled, tmp_path, tmp_path_factory):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "25 faces from" in proc.stdout and re.search(r"disgust +5 faces", proc.stdout)
   assert json.loads((tmp_path / "out" / "results.json").read_text())["faces"] == 25
+  ens = trained_run.run_module("fer.evaluate", f"--workdir={workdir},{workdir}",
+                               f"--data={root}", f"--out={tmp_path / 'ens'}",
+                               "--class_map=contempt:disgust")
+  assert ens.returncode == 0 and "ensemble of 2" in ens.stdout, ens.stderr[-3000:]
+  assert ens.stdout.splitlines()[0].split(" (")[0] == proc.stdout.splitlines()[0].split(" (")[0]
   proc = trained_run.run_module("fer.evaluate", f"--workdir={workdir}", f"--data={tmp_path}/no",
                                 f"--out={tmp_path / 'out2'}")
   assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --data=")
