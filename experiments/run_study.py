@@ -10,8 +10,7 @@ augment_standard_s<k> (protocol `standard`), cnn_seed_s<k>, augment_seed_s<k> (p
 the original study's), cnn_nocopies_s<k>, augment_nocopies_s<k> (protocol `standard`, trained
 without the Training images that have a near copy in val or test), vgg16_cached, vgg16_frozen,
 vgg16_finetune, strong_s<k>, strong_seed_s<k>, for k < --seeds, and with 2 seeds or more each
-family's <family>_ensemble (cnn_standard_ensemble,
-..., strong_ensemble, strong_seed_ensemble). The README's strong_ensemble has a fourth seed:
+family's <family>_ensemble (cnn_standard_ensemble, ..., strong_ensemble, strong_seed_ensemble). The README's strong_ensemble has a fourth seed:
 `--only=strong_s0,strong_s1,strong_s2,strong_s3,strong_ensemble --seeds=4`.
 `--only` takes name prefixes. A run is complete when its workdir holds its final file
 (results.json; data_report.json for the data report; best_config.py for the search); a killed

@@ -188,12 +188,12 @@ def _non_finite_leaves(state):
   return bad
 
 
-
 def _warn(message: str):
   """'WARNING: message' on stdout, beside the progress lines; once per run, by process 0 (every
   process of a multi-host run restores the same checkpoints)."""
   if jax.process_index() == 0:
     print(f"WARNING: {message}", flush=True)
+
 
 class Checkpoints:
   """The `last/` and `best/` managers of one workdir."""

@@ -137,7 +137,7 @@ FLAT_STD = 4.0  # grey levels: images whose coarse descriptor varies less are ma
 SHIFT = 4  # pixels: alignment searched over |dy|, |dx| <= SHIFT,
 SCALES = (0.95, 1.0, 1.05)  # these zooms about the centre,
 CROP = 36  # of one image's central CROP x CROP on the other image, both ways
-METHOD_VERSION = 1  # part of train_copies' cache key: bump it when a change finds other copies
+METHOD_VERSION = 1  # part of cross_split_copies' cache key: bump it when a change finds other copies
 
 
 def _gaussian(sigma: float, n: int = IMAGE_SIZE) -> np.ndarray:
@@ -432,10 +432,3 @@ def cross_split_copies(splits: dict[str, dict[str, np.ndarray]], cache_dir=None,
       print(f"could not cache the near copies ({'; '.join(failures)}); the next run searches "
             "again", flush=True)
   return found
-
-
-def train_copies(splits: dict[str, dict[str, np.ndarray]], cache_dir=None,
-                 threshold: float = NEAR_THRESHOLD) -> np.ndarray:
-  """Sorted indices (int64) of the train images whose near-duplicate group holds a val or test
-  image (cross_split_copies, cached in `cache_dir` the same way)."""
-  return np.flatnonzero(cross_split_copies(splits, cache_dir, threshold)["train"]).astype(np.int64)

@@ -178,7 +178,7 @@ def evaluate(run: runs.Run | Sequence[runs.Run], data, out,
   labels = np.array([label_of[f] for f, _ in where], np.int32)
   probs = np.mean([predict.make_classifier(m, member_tta, batch_size)(images)
                    for m, member_tta in zip(members, ttas)], axis=0)
-  m = metrics_lib.classification_metrics(probs, labels, "eval")
+  metrics = metrics_lib.classification_metrics(probs, labels, "eval")
   counts = np.bincount(labels, minlength=len(CLASSES))
   # Data sets without some classes (CK+48 has no neutral): the usual figure there picks among
   # the classes present only.
@@ -194,7 +194,7 @@ def evaluate(run: runs.Run | Sequence[runs.Run], data, out,
       "images": len(files),
       "faces": int(len(labels)),
       "per_class_count": counts.tolist(),
-      **m,
+      **metrics,
       "eval/accuracy_present_classes": float((present == labels).mean()),
       "class_map": dict(sorted((class_map or {}).items())),
       "skipped_folders": skipped,
@@ -209,9 +209,10 @@ def evaluate(run: runs.Run | Sequence[runs.Run], data, out,
                      *(f"{v:.6f}" for v in p)])
   fileio.write_text_atomic(out / "predictions.csv", buffer.getvalue())
   from fer import plots  # pylint: disable=import-outside-toplevel
-  plots.confusion_matrix(np.array(m["eval/confusion_matrix"]), CLASSES,
+  plots.confusion_matrix(np.array(metrics["eval/confusion_matrix"]), CLASSES,
                          out / "confusion_matrix.png",
-                         title=f"{pathlib.Path(data).name}: accuracy {m['eval/accuracy']:.3f}")
+                         title=f"{pathlib.Path(data).name}: accuracy "
+                               f"{metrics['eval/accuracy']:.3f}")
   return results
 
 

@@ -170,26 +170,27 @@ def load_splits(input_cfg, with_names: bool = False) -> dict[str, dict[str, np.n
     out = apply_protocol(data, input_cfg.protocol, input_cfg.val_fraction, input_cfg.split_seed)
   else:
     raise ValueError(f"config.input.source={input_cfg.source!r}: expected fer2013 or synthetic")
-  cache = None  # synthetic faces: copies of a few templates, nothing to report or keep
+  train_copy = None  # synthetic faces: copies of a few templates, nothing to report or keep
   if input_cfg.source == "fer2013":
-    cache = near_duplicates_cache(input_cfg.data_dir)
-    copies = duplicates.cross_split_copies(out, cache)
+    copies = duplicates.cross_split_copies(out, near_duplicates_cache(input_cfg.data_dir))
     out["test"] = {**out["test"], "train_copy": copies["test"]}
+    train_copy = copies["train"]
   if input_cfg.get("drop_train_copies", False):
-    out = drop_train_copies(out, cache_dir=cache)
+    out = drop_train_copies(out, train_copy)
   return out
 
 
 def drop_train_copies(splits: dict[str, dict[str, np.ndarray]],
-                      cache_dir=None) -> dict[str, dict[str, np.ndarray]]:
+                      train_copy: np.ndarray | None = None) -> dict[str, dict[str, np.ndarray]]:
   """The splits with train reduced to the images whose near-duplicate group (identical,
   re-encoded, re-lit, slightly shifted or zoomed copies: fer.duplicates) holds no val or test
-  image, so that no evaluation face is also trained on. The search (15-40 s on FER2013 on a
-  2-core CPU) is cached in `cache_dir` (fer.duplicates.train_copies); prints how many train
-  images it dropped."""
-  drop = duplicates.train_copies(splits, cache_dir)
+  image, so that no evaluation face is also trained on. `train_copy`: those images (bool
+  [N_train], fer.duplicates.cross_split_copies' 'train'), searched here (15-40 s on FER2013 on
+  a 2-core CPU, uncached) when not given. Prints how many train images it dropped."""
+  if train_copy is None:
+    train_copy = duplicates.cross_split_copies(splits)["train"]
   n = len(splits["train"]["label"])
-  keep = np.setdiff1d(np.arange(n), drop)
-  print(f"input.drop_train_copies: {len(drop):,} of {n:,} train images have a near copy in val "
-        f"or test; training on the other {len(keep):,}.", flush=True)
+  keep = np.flatnonzero(~train_copy)
+  print(f"input.drop_train_copies: {n - len(keep):,} of {n:,} train images have a near copy in "
+        f"val or test; training on the other {len(keep):,}.", flush=True)
   return {**splits, "train": _take(splits["train"], keep)}

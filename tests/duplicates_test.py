@@ -160,6 +160,11 @@ def test_near_duplicates_of_constant_images():
       "summary"]["pairs"] == 3
 
 
+def _train_copies(*args, **kwargs) -> np.ndarray:
+  """Indices of the train images with a near copy in val or test (cross_split_copies' mask)."""
+  return np.flatnonzero(duplicates.cross_split_copies(*args, **kwargs)["train"])
+
+
 def _planted(seed: int = 5) -> tuple[dict, list[int]]:
   """train/val/test photographs where train 3 copies val 0 and train 7 test 1 (and train 11
   copies train 12, which is no reason to drop either)."""
@@ -195,7 +200,7 @@ def test_load_splits_drops_train_copies_when_asked():
 def test_train_copies_are_cached_per_content(tmp_path, monkeypatch, capsys):
   splits, expected = _planted()
   cache = tmp_path / "cache"
-  np.testing.assert_array_equal(duplicates.train_copies(splits, cache), expected)
+  np.testing.assert_array_equal(_train_copies(splits, cache), expected)
   [saved] = cache.glob("copies_*.npz")
   assert np.flatnonzero(np.load(saved)["train"]).tolist() == expected
 
@@ -203,25 +208,25 @@ def test_train_copies_are_cached_per_content(tmp_path, monkeypatch, capsys):
     raise AssertionError("searched although the answer is cached")
   with monkeypatch.context() as m:
     m.setattr(duplicates, "find_near_duplicates", no_search)
-    np.testing.assert_array_equal(duplicates.train_copies(splits, cache), expected)
+    np.testing.assert_array_equal(_train_copies(splits, cache), expected)
   # Other images (one pixel of val) or another threshold: another key, a new search.
   other = {**splits, "val": {**splits["val"], "image": splits["val"]["image"].copy()}}
   other["val"]["image"][4, 0, 0] ^= 1
-  np.testing.assert_array_equal(duplicates.train_copies(other, cache), expected)
-  assert duplicates.train_copies(splits, cache, threshold=1.01).tolist() == []
+  np.testing.assert_array_equal(_train_copies(other, cache), expected)
+  assert _train_copies(splits, cache, threshold=1.01).tolist() == []
   assert len(list(cache.glob("copies_*.npz"))) == 3
   # A damaged cache file costs a search, with a note, and is replaced.
   good = saved.read_bytes()
   for damaged in (b"not numpy", good[:len(good) // 2]):  # a ValueError; a zipfile.BadZipFile
     saved.write_bytes(damaged)
-    np.testing.assert_array_equal(duplicates.train_copies(splits, cache), expected)
+    np.testing.assert_array_equal(_train_copies(splits, cache), expected)
     assert f"{saved}: unreadable" in capsys.readouterr().out
   masks = dict(np.load(saved))
   assert np.flatnonzero(masks["train"]).tolist() == expected
   assert np.flatnonzero(masks["val"]).tolist() == [0] and np.flatnonzero(masks["test"]).tolist() == [1]
   with open(saved, "wb") as f:  # masks of other images (one image less in test)
     np.savez(f, **{**masks, "test": masks["test"][1:]})
-  np.testing.assert_array_equal(duplicates.train_copies(splits, cache), expected)
+  np.testing.assert_array_equal(_train_copies(splits, cache), expected)
   assert "not a mask per split of these images" in capsys.readouterr().out
 
 
@@ -229,17 +234,17 @@ def test_train_copies_when_the_cache_cannot_be_written(tmp_path, monkeypatch, ca
   splits, expected = _planted()
   blocked = tmp_path / "file"
   blocked.write_text("a file where the cache folder would go")
-  np.testing.assert_array_equal(duplicates.train_copies(splits, blocked / "cache"), expected)
+  np.testing.assert_array_equal(_train_copies(splits, blocked / "cache"), expected)
   assert "could not cache the near copies" in capsys.readouterr().out
   # A read-only data dir: the next folder of the list keeps the answer, and gives it back.
   fallback = tmp_path / "user_cache"
   np.testing.assert_array_equal(
-      duplicates.train_copies(splits, [blocked / "cache", fallback]), expected)
+      _train_copies(splits, [blocked / "cache", fallback]), expected)
   assert "could not cache" not in capsys.readouterr().out
   assert len(list(fallback.glob("copies_*.npz"))) == 1
   monkeypatch.setattr(duplicates, "find_near_duplicates", None)  # a search would fail
   np.testing.assert_array_equal(
-      duplicates.train_copies(splits, [blocked / "cache", fallback]), expected)
+      _train_copies(splits, [blocked / "cache", fallback]), expected)
   # load_splits' list: the data dir, then the user's cache.
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
   assert input_pipeline.near_duplicates_cache(str(tmp_path / "data")) == (
