@@ -87,6 +87,13 @@ def base() -> ml_collections.ConfigDict:
   # epochs, which the rerun trains again bit for bit. >1 pays where an epoch takes seconds (GPU).
   c.checkpoint.every_epochs = 1
 
+  # Knowledge distillation (fer/distill.py): train on (1 - weight) * label + weight * the
+  # teachers' probabilities (softened: p ** (1 / temperature)) from a `python -m fer.distill` file.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.targets = ""  # the .npz of teacher probabilities; "" = no teacher
+  c.distill.weight = 0.5
+  c.distill.temperature = 1.0
+
   c.init_from = ""  # a workdir or checkpoint to start from when the workdir has none
   c.pretrained = ml_collections.ConfigDict()  # VGG16 conv base; see fer/pretrained.py
   c.pretrained.weights = "none"  # none | keras | torchvision (model.preprocess keras | torch)

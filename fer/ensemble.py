@@ -41,8 +41,6 @@ from fer import train
 from fer.datasets.fer2013 import CLASSES
 
 SPLITS = ("val", "test")
-# Input keys that decide which images are in which split: members must agree on them.
-SPLIT_KEYS = ("source", "protocol", "val_fraction", "split_seed", "synthetic_train_size")
 
 
 class EnsembleError(ValueError):
@@ -57,13 +55,11 @@ def _read_json(path: pathlib.Path) -> dict:
 
 
 def _check_same_splits(workdirs, configs):
-  first = configs[0]["input"]
   for workdir, config in zip(workdirs[1:], configs[1:]):
-    for key in SPLIT_KEYS:
-      if config["input"].get(key) != first.get(key):
-        raise EnsembleError(
-            f"{workdir} was trained on other splits than {workdirs[0]}: input.{key} is "
-            f"{config['input'].get(key)!r}, not {first.get(key)!r}. Ensemble runs of one protocol.")
+    differ = runs.split_differences(config["input"], configs[0]["input"])
+    if differ:
+      raise EnsembleError(f"{workdir} was trained on other splits than {workdirs[0]}: "
+                          f"{'; '.join(differ)}. Ensemble runs of one protocol.")
 
 
 def _member_probs(workdir: pathlib.Path, results: dict, tta: str, data, mesh) -> tuple[dict, str]:

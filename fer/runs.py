@@ -35,6 +35,9 @@ from fer import checkpointing
 
 KINDS = ("last", "best")
 CONFIG_FILE = "config.json"
+# Input keys that decide which images are in which split: runs whose outputs are combined
+# (ensembles, distillation) must agree on them.
+SPLIT_KEYS = ("source", "protocol", "val_fraction", "split_seed", "synthetic_train_size")
 _CONFIG_SEARCH_DEPTH = 5  # a checkpoint is RUN/checkpoints/<kind>/<epoch>[/state]
 
 
@@ -72,6 +75,13 @@ def find_config_file(path) -> pathlib.Path:
       return folder / CONFIG_FILE
   raise RunError(f"No {CONFIG_FILE} in {path} or the {_CONFIG_SEARCH_DEPTH} folders above it: "
                  "pass the run's --workdir, which holds the config the model was trained with.")
+
+
+def split_differences(a, b) -> list[str]:
+  """['input.protocol is 'seed' against 'standard'', ...]: the SPLIT_KEYS on which two runs'
+  input configs (dicts or ConfigDicts) differ; [] when they split the data alike."""
+  return [f"input.{k} is {a.get(k)!r} against {b.get(k)!r}" for k in SPLIT_KEYS
+          if a.get(k) != b.get(k)]
 
 
 def load_config(path) -> ml_collections.ConfigDict:

@@ -105,6 +105,15 @@ def validate_config(config):
     group, name = key.split(".")
     if not isinstance(config[group][name], (int, float)) or config[group][name] < 0:
       problems.append(f"{key}={config[group][name]!r}: expected >= 0 (0 turns it off)")
+  if config.distill.targets:
+    if not 0 <= config.distill.weight <= 1:
+      problems.append(f"distill.weight={config.distill.weight!r}: expected 0 <= w <= 1 (the "
+                      "teacher's share of the targets)")
+    if not isinstance(config.distill.temperature, (int, float)) or config.distill.temperature <= 0:
+      problems.append(f"distill.temperature={config.distill.temperature!r}: expected > 0")
+    if config.model.name == "vgg16_head":
+      problems.append("distill.targets with model.name='vgg16_head': teacher targets are matched "
+                      "to images, and this model trains on cached features")
   for key in ("model.dropout", "model.conv_dropout", "augment.erase_prob"):
     group, name = key.split(".")
     if not 0 <= config[group][name] < 1:
@@ -124,9 +133,11 @@ def make_train_step(model, tx, config, class_weights=None):
   """train_step(state, images, labels) -> (state, (loss, number correct)): one optimizer step
   on one batch (augmentation and mixing inside, per-step keys from fold_in(rng, step)).
   `class_weights` [K]: the loss weights that config.optim.class_weights asks for, from
-  fer.metrics.class_weights(train labels, ...)."""
+  fer.metrics.class_weights(train labels, ...). With config.distill.targets, `labels` is the
+  pair (int labels [B], teacher probabilities [B, K]) and the targets mix the two."""
   aug_cfg = config.augment
   label_smoothing = config.optim.label_smoothing
+  distill_weight = config.distill.weight if config.distill.get("targets") else None
   if (config.optim.class_weights != "none") != (class_weights is not None):
     raise ValueError(f"optim.class_weights={config.optim.class_weights!r} and class_weights "
                      f"{'missing' if class_weights is None else 'given'}: pass "
@@ -137,7 +148,11 @@ def make_train_step(model, tx, config, class_weights=None):
     key = jax.random.fold_in(state.rng, state.step)
     k_aug, k_mix, k_drop = jax.random.split(key, 3)
     x = augment.augment(k_aug, images, aug_cfg)
-    targets = jax.nn.one_hot(labels, NUM_CLASSES)
+    if distill_weight is None:
+      targets = jax.nn.one_hot(labels, NUM_CLASSES)
+    else:
+      labels, teacher = labels
+      targets = (1 - distill_weight) * jax.nn.one_hot(labels, NUM_CLASSES) + distill_weight * teacher
     x, targets = augment.mix(k_mix, x, targets, aug_cfg)
 
     def loss_fn(params):
@@ -180,7 +195,8 @@ def make_train_chunk(model, tx, config, mesh, num_steps: int, train_step=None):
       idx = jax.lax.dynamic_slice(perm, ((start + i) * batch_size,), (batch_size,))
       idx = jax.lax.with_sharding_constraint(idx, data_sharding)
       x = jax.lax.with_sharding_constraint(images[idx], data_sharding)
-      y = jax.lax.with_sharding_constraint(labels[idx], data_sharding)
+      y = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a[idx], data_sharding),
+                       labels)  # labels [N], or (labels, teacher probabilities [N, K])
       state, (loss, n_correct) = train_step(state, x, y)
       losses.append(loss)
       correct.append(n_correct)
@@ -514,6 +530,18 @@ def _train_and_evaluate(config, workdir, data=None):
 
   images = jax.device_put(train_x, replicated)
   labels = jax.device_put(train_y.astype(np.int32), replicated)
+  teachers = None
+  if config.distill.targets:
+    from fer import distill  # pylint: disable=import-outside-toplevel
+    soft, teachers = distill.load_targets(config, train_x)
+    labels = (labels, jax.device_put(soft, replicated))
+    if is_primary():
+      agree = float((soft.argmax(1) == train_y).mean())
+      print(f"Distilling from {len(teachers['teachers'])} teacher run(s) "
+            f"({', '.join(t['workdir'] for t in teachers['teachers'])}; {config.distill.targets}): "
+            f"targets = {1 - config.distill.weight:g} x label + {config.distill.weight:g} x "
+            f"teacher probabilities at temperature {config.distill.temperature:g}; the teachers "
+            f"agree with {agree:.1%} of the train labels.", flush=True)
   data_key = jax.random.PRNGKey(config.seed + 1)
   epoch_perm = jax.jit(lambda epoch: jax.random.permutation(jax.random.fold_in(data_key, epoch),
                                                             num_train), out_shardings=replicated)
@@ -601,7 +629,7 @@ def _train_and_evaluate(config, workdir, data=None):
         print(f"Early stop: no better val accuracy for {patience} epochs.", flush=True)
 
     results = _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, model,
-                                meta, num_params)
+                                meta, num_params, teachers)
   finally:
     writer.close()
     ckpts.close()
@@ -663,8 +691,9 @@ def copy_words(results: dict, dropped: bool = False) -> str:
 
 
 def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, model, meta,
-                      num_params):
-  """Restores the best checkpoint (by val accuracy) and evaluates val and, once, test."""
+                      num_params, teachers=None):
+  """Restores the best checkpoint (by val accuracy) and evaluates val and, once, test.
+  `teachers`: the summary of the distill.targets file, if any (its runs go into results)."""
   from fer import plots  # pylint: disable=import-outside-toplevel
   best = checkpointing.Checkpoints.restore(ckpts.best, _abstract(state, shardings))
   if best is None:
@@ -709,6 +738,8 @@ def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, mode
       **metrics_lib.calibration(split_probs["val"], data["val"]["label"], split_probs["test"],
                                 data["test"]["label"]),
   }
+  if teachers:
+    results["distill_teachers"] = [t["workdir"] for t in teachers["teachers"]]
   if "train_copy" in data["test"]:  # FER2013: a quarter of PrivateTest has a copy in Training
     results.update(metrics_lib.copy_metrics(split_probs["test"], data["test"]["label"],
                                             data["test"]["train_copy"]))
