@@ -55,7 +55,7 @@ ALIASES = {  # as in CK+, FER+, AffectNet and RAF-DB's usual folder and label na
     "fear": ("fearful", "afraid", "scared"),
     "happy": ("happiness", "joy"),
     "sad": ("sadness",),
-    "surprise": ("surprised",),
+    "surprise": ("surprised", "suprise"),  # the misspelling is a folder name in some sets
     "neutral": (),
 }
 

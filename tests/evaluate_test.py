@@ -172,3 +172,9 @@ def test_cli(labelled, tmp_path, tmp_path_factory):
                                 f"--out={tmp_path / 'file' / 'out'}")
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --out={tmp_path / 'file'}")
+
+
+def test_folder_names_of_other_data_sets_name_our_classes():
+  assert [evaluate.class_of(n) for n in ("Suprise", "surprised", "FEARFUL", "joy", "contempt")] \
+      == ["surprise", "surprise", "fear", "happy", None]
+  assert evaluate.class_of("1", {"1": "surprise"}) == "surprise"
