@@ -153,19 +153,22 @@ def load_targets(config, images: np.ndarray) -> tuple[np.ndarray, dict]:
   return soften(probs[rows], config.distill.temperature), summary
 
 
-_TEACHERS = flags.DEFINE_list("teachers", None, "Finished run workdirs whose best checkpoints "
-                              "label the Training images.")
-_OUT = flags.DEFINE_string("out", None, "The .npz file to write the teacher targets to.")
-_TTA = flags.DEFINE_string("tta", "", "none | flip | tencrop for every teacher; empty: each "
-                           "run's own eval.tta.")
+def define_flags():
+  """The CLI's flags, defined only when this module is the program (others define --out too)."""
+  flags.DEFINE_list("teachers", None, "Finished run workdirs whose best checkpoints label the "
+                    "Training images.")
+  flags.DEFINE_string("out", None, "The .npz file to write the teacher targets to.")
+  flags.DEFINE_string("tta", "", "none | flip | tencrop for every teacher; empty: each run's "
+                      "own eval.tta.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.ERROR)  # orbax's notes on read-only managers are noise here
+  f = flags.FLAGS
   try:
-    make_targets(_TEACHERS.value, _OUT.value, _TTA.value)
+    make_targets(f.teachers, f.out, f.tta)
   except (ValueError, RuntimeError) as e:
     if isinstance(e, DistillError) or type(e).__module__.startswith("fer."):
       sys.exit(f"fer.distill: {type(e).__name__}: {e}")
@@ -173,5 +176,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["teachers", "out"])
   app.run(main)
