@@ -8,7 +8,9 @@ r"""The whole study in one command: every experiment into --root, skipping runs 
 Experiments (names as in the README's results table): data_report, search, cnn_standard_s<k>,
 augment_standard_s<k> (protocol `standard`), cnn_seed_s<k>, augment_seed_s<k> (protocol `seed`,
 the original study's), cnn_nocopies_s<k>, augment_nocopies_s<k> (protocol `standard`, trained
-without the Training images that have a near copy in val or test), vgg16_cached, vgg16_frozen,
+without the Training images that have a near copy in val or test), augment_teachers (their
+probabilities on Training: fer.distill) and augment_distilled_s<k> (augment_nocopies trained on
+those and the labels), vgg16_cached, vgg16_frozen,
 vgg16_finetune, strong_s<k>, strong_seed_s<k>, for k < --seeds, and with 2 seeds or more each
 family's <family>_ensemble (cnn_standard_ensemble, ..., strong_ensemble, strong_seed_ensemble). The README's strong_ensemble has a fourth seed:
 `--only=strong_s0,strong_s1,strong_s2,strong_s3,strong_ensemble --seeds=4`.
@@ -90,6 +92,19 @@ def experiments(root: pathlib.Path, seeds: int, vgg16_weights: str = "keras",
     out.append(t(f"augment_nocopies_s{k}", "configs/augment.py", clean, f"--config.seed={k}"))
   if seeds >= 2:
     out += [ensemble("cnn_nocopies"), ensemble("augment_nocopies")]
+  # Distillation: the augment_nocopies seeds label Training (fer.distill); students of the same
+  # config train on those targets and the labels.
+  targets = root / "augment_teachers" / "targets.npz"
+  teachers = tuple(f"augment_nocopies_s{k}" for k in range(seeds))
+  out.append(Experiment("augment_teachers", (
+      "fer.distill", f"--teachers={','.join(str(root / n) for n in teachers)}", f"--out={targets}"),
+      done_file=targets.name, collect=False, after=teachers))
+  for k in range(seeds):
+    out.append(t(f"augment_distilled_s{k}", "configs/augment.py", clean,
+                 f"--config.distill.targets={targets}", f"--config.seed={k}",
+                 after=("augment_teachers",)))
+  if seeds >= 2:
+    out.append(ensemble("augment_distilled"))
   suffix = "" if vgg16_weights != "none" else "_scratch"
   weights = (f"--config.pretrained.weights={vgg16_weights}",)
   frozen = f"vgg16_frozen{suffix}"
@@ -205,8 +220,9 @@ def main(argv=None) -> int:
         else:
           print(f"{tag(r.e)}: done in {r.minutes():.1f} min", flush=True)
           finish(r.e)
-      if pending and not running and not args.dry_run and all(
-          any(d in selected and d not in done for d in e.after) for e in pending):
+      if pending and not running and not args.dry_run and all(  # (failed deps: swept next)
+          any(d in selected and d not in done and d not in failed for d in e.after)
+          for e in pending):
         raise AssertionError(f"run_study: {[e.name for e in pending]} wait on each other")
   except KeyboardInterrupt as e:
     print(f"run_study: interrupted ({e or 'Ctrl-C'})", file=sys.stderr, flush=True)

@@ -157,7 +157,7 @@ def load_splits(input_cfg, with_names: bool = False) -> dict[str, dict[str, np.n
   test also gets 'train_copy' (bool [N]): the face has a near copy in train (fer.duplicates; the
   search runs once per data dir, 15-40 s on a 2-core CPU, and is cached there), for the test
   accuracy on the faces without one. With input.drop_train_copies, train loses its near copies
-  of val and test images.
+  of val and test images (FER2013 only: synthetic faces are all copies of a few templates).
   """
   if input_cfg.source == "synthetic":
     n, seed = input_cfg.synthetic_train_size, 1000 * input_cfg.split_seed
@@ -176,7 +176,12 @@ def load_splits(input_cfg, with_names: bool = False) -> dict[str, dict[str, np.n
     out["test"] = {**out["test"], "train_copy": copies["test"]}
     train_copy = copies["train"]
   if input_cfg.get("drop_train_copies", False):
-    out = drop_train_copies(out, train_copy)
+    if input_cfg.source == "synthetic":
+      print("input.drop_train_copies: every synthetic face is a noisy copy of a few templates, so "
+            "all have a copy in val and test; they are all kept (a smoke test of the flag).",
+            flush=True)
+    else:
+      out = drop_train_copies(out, train_copy)
   return out
 
 
@@ -191,6 +196,10 @@ def drop_train_copies(splits: dict[str, dict[str, np.ndarray]],
     train_copy = duplicates.cross_split_copies(splits)["train"]
   n = len(splits["train"]["label"])
   keep = np.flatnonzero(~train_copy)
+  if not len(keep):
+    raise ValueError(f"input.drop_train_copies: every one of the {n:,} train images has a near "
+                     "copy in val or test, so nothing is left to train on; set "
+                     "--config.input.drop_train_copies=False for these data")
   print(f"input.drop_train_copies: {n - len(keep):,} of {n:,} train images have a near copy in "
         f"val or test; training on the other {len(keep):,}.", flush=True)
   return {**splits, "train": _take(splits["train"], keep)}

@@ -16,6 +16,10 @@ sys.path.insert(0, str(REPO))
 from experiments import run_study  # pylint: disable=wrong-import-position
 
 
+def every_run(root, seeds=2):
+  return {e.name: e for e in run_study.experiments(root, seeds=seeds)}
+
+
 def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
   names = [e.name for e in run_study.experiments(tmp_path, seeds=2)]
   assert names == ["data_report", "search", "cnn_standard_s0", "augment_standard_s0",
@@ -25,6 +29,8 @@ def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
                    "cnn_seed_ensemble", "augment_seed_ensemble",
                    "cnn_nocopies_s0", "augment_nocopies_s0", "cnn_nocopies_s1",
                    "augment_nocopies_s1", "cnn_nocopies_ensemble", "augment_nocopies_ensemble",
+                   "augment_teachers", "augment_distilled_s0", "augment_distilled_s1",
+                   "augment_distilled_ensemble",
                    "vgg16_cached", "vgg16_frozen", "vgg16_finetune",
                    "strong_s0", "strong_s1", "strong_ensemble",
                    "strong_seed_s0", "strong_seed_s1", "strong_seed_ensemble"]
@@ -36,6 +42,17 @@ def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
   assert run_study.command(nocopies) == (
       f"python -m fer.main --config=configs/augment.py --workdir={tmp_path / 'augment_nocopies_s1'} "
       "--config.input.drop_train_copies=True --config.seed=1")
+  teachers, student = every_run(tmp_path)["augment_teachers"], every_run(tmp_path)[
+      "augment_distilled_s1"]
+  targets = tmp_path / "augment_teachers" / "targets.npz"
+  assert run_study.command(teachers) == (
+      f"python -m fer.distill --teachers={tmp_path / 'augment_nocopies_s0'},"
+      f"{tmp_path / 'augment_nocopies_s1'} --out={targets}")
+  assert teachers.after == ("augment_nocopies_s0", "augment_nocopies_s1")
+  assert (teachers.done_file, teachers.collect) == ("targets.npz", False)
+  assert f"--config.distill.targets={targets}" in student.argv
+  assert "--config.input.drop_train_copies=True" in student.argv
+  assert student.after == ("augment_teachers",)
   by_name = {e.name: e for e in run_study.experiments(tmp_path, seeds=2, vgg16_weights="none")
              if e.name.startswith("vgg16")}
   assert f"--config.init_from={tmp_path / 'vgg16_frozen_scratch'}" in by_name[
@@ -105,6 +122,23 @@ def test_parallel_runs_overlap_and_dependents_wait_or_are_skipped(tmp_path, monk
   assert "needs_bad: not run, it needs bad, which failed" in out.out
   assert "bad: FAILED (exit 3)" in out.out and "failed: bad, needs_bad" in out.err
   assert (root / "a.log").is_file()
+
+
+def test_a_chain_behind_a_failed_run_is_skipped_when_nothing_else_runs(tmp_path, monkeypatch,
+                                                                      capsys):
+  (tmp_path / "fake_experiment.py").write_text(_FAKE)
+  monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+  root = tmp_path / "study"
+  fake = lambda name, outcome, after=(): run_study.Experiment(  # pylint: disable=unnecessary-lambda-assignment
+      name, ("fake_experiment", str(root / name), outcome), collect=False, after=after)
+  monkeypatch.setattr(run_study, "experiments", lambda *a, **k: [
+      fake("bad", "fail"), fake("needs_bad", "ok", after=("bad",)),
+      fake("needs_that", "ok", after=("needs_bad",))])
+  assert run_study.main(["--root", str(root)]) == 1
+  out = capsys.readouterr()
+  assert "needs_bad: not run, it needs bad, which failed" in out.out
+  assert "needs_that: not run, it needs needs_bad, which failed" in out.out
+  assert "failed: bad, needs_bad, needs_that" in out.err
 
 
 _DRIVER = """
