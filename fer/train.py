@@ -152,7 +152,8 @@ def make_train_step(model, tx, config, class_weights=None):
       targets = jax.nn.one_hot(labels, NUM_CLASSES)
     else:
       labels, teacher = labels
-      targets = (1 - distill_weight) * jax.nn.one_hot(labels, NUM_CLASSES) + distill_weight * teacher
+      targets = ((1 - distill_weight) * jax.nn.one_hot(labels, NUM_CLASSES)
+                 + distill_weight * teacher)
     x, targets = augment.mix(k_mix, x, targets, aug_cfg)
 
     def loss_fn(params):

@@ -132,7 +132,8 @@ def test_make_targets_refuses_teachers_of_other_splits_and_bad_flags(run_dir, tm
   config = json.loads((run_dir / "config.json").read_text())
   config["input"]["protocol"] = "seed"
   (other / "config.json").write_text(json.dumps(config))
-  with pytest.raises(distill.DistillError, match=r"other was trained on other splits.*protocol is .seed. against .standard."):
+  with pytest.raises(distill.DistillError, match=r"other was trained on other splits.*"
+                     r"protocol is .seed. against .standard."):
     distill.make_targets([run_dir, other], tmp_path / "t.npz")
   with pytest.raises(distill.DistillError, match="ending in .npz"):
     distill.make_targets([run_dir], tmp_path / "t.npy")

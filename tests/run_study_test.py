@@ -104,12 +104,17 @@ workdir.mkdir(parents=True, exist_ok=True)
 """
 
 
-def test_parallel_runs_overlap_and_dependents_wait_or_are_skipped(tmp_path, monkeypatch, capsys):
+def _fakes(tmp_path, monkeypatch, root):
+  """fake(name, outcome, after=()): an Experiment running fake_experiment.py into root/name."""
   (tmp_path / "fake_experiment.py").write_text(_FAKE)
   monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-  root = tmp_path / "study"
-  fake = lambda name, outcome, after=(): run_study.Experiment(  # pylint: disable=unnecessary-lambda-assignment
+  return lambda name, outcome, after=(): run_study.Experiment(
       name, ("fake_experiment", str(root / name), outcome), collect=False, after=after)
+
+
+def test_parallel_runs_overlap_and_dependents_wait_or_are_skipped(tmp_path, monkeypatch, capsys):
+  root = tmp_path / "study"
+  fake = _fakes(tmp_path, monkeypatch, root)
   monkeypatch.setattr(run_study, "experiments", lambda *a, **k: [
       fake("a", "ok"), fake("b", "ok"), fake("bad", "fail"),
       fake("a_and_b", "ok", after=("a", "b")), fake("needs_bad", "ok", after=("bad",))])
@@ -126,11 +131,8 @@ def test_parallel_runs_overlap_and_dependents_wait_or_are_skipped(tmp_path, monk
 
 def test_a_chain_behind_a_failed_run_is_skipped_when_nothing_else_runs(tmp_path, monkeypatch,
                                                                       capsys):
-  (tmp_path / "fake_experiment.py").write_text(_FAKE)
-  monkeypatch.setenv("PYTHONPATH", str(tmp_path))
   root = tmp_path / "study"
-  fake = lambda name, outcome, after=(): run_study.Experiment(  # pylint: disable=unnecessary-lambda-assignment
-      name, ("fake_experiment", str(root / name), outcome), collect=False, after=after)
+  fake = _fakes(tmp_path, monkeypatch, root)
   monkeypatch.setattr(run_study, "experiments", lambda *a, **k: [
       fake("bad", "fail"), fake("needs_bad", "ok", after=("bad",)),
       fake("needs_that", "ok", after=("needs_bad",))])
