@@ -65,7 +65,7 @@ def make_targets(teachers, out, tta: str = "", data=None) -> dict:
   teachers = [pathlib.Path(t) for t in teachers]
   if not teachers:
     raise DistillError("--teachers: give at least one finished run's workdir")
-  if tta not in ("", "none", "flip", "tencrop"):
+  if tta not in ("", *train.TTA_MODES):
     raise DistillError(f"--tta={tta!r}: expected none, flip or tencrop (or empty: each run's own)")
   out = pathlib.Path(out)
   if out.suffix != ".npz":

@@ -84,7 +84,7 @@ def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
   if len(workdirs) < (1 if tta else 2):
     raise EnsembleError(f"an ensemble needs at least two runs (or one with --tta, which "
                         f"re-evaluates its best checkpoint), got {len(workdirs)}")
-  if tta not in ("", "none", "flip", "tencrop"):
+  if tta not in ("", *train.TTA_MODES):
     raise EnsembleError(f"--tta={tta!r}: expected none, flip or tencrop (or empty: the runs' own)")
   resolved = [w.resolve() for w in workdirs]
   twice = sorted({str(w) for w, r in zip(workdirs, resolved) if resolved.count(r) > 1})

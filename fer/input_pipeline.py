@@ -170,18 +170,16 @@ def load_splits(input_cfg, with_names: bool = False) -> dict[str, dict[str, np.n
     out = apply_protocol(data, input_cfg.protocol, input_cfg.val_fraction, input_cfg.split_seed)
   else:
     raise ValueError(f"config.input.source={input_cfg.source!r}: expected fer2013 or synthetic")
-  train_copy = None  # synthetic faces: copies of a few templates, nothing to report or keep
+  drop = input_cfg.get("drop_train_copies", False)
   if input_cfg.source == "fer2013":
     copies = duplicates.cross_split_copies(out, near_duplicates_cache(input_cfg.data_dir))
     out["test"] = {**out["test"], "train_copy": copies["test"]}
-    train_copy = copies["train"]
-  if input_cfg.get("drop_train_copies", False):
-    if input_cfg.source == "synthetic":
-      print("input.drop_train_copies: every synthetic face is a noisy copy of a few templates, so "
-            "all have a copy in val and test; they are all kept (a smoke test of the flag).",
-            flush=True)
-    else:
-      out = drop_train_copies(out, train_copy)
+    if drop:
+      out = drop_train_copies(out, copies["train"])
+  elif drop:  # synthetic faces: copies of a few templates, nothing to report or keep
+    print("input.drop_train_copies: every synthetic face is a noisy copy of a few templates, so "
+          "all have a copy in val and test; they are all kept (a smoke test of the flag).",
+          flush=True)
   return out
 
 

@@ -57,13 +57,15 @@ class ConfigError(ValueError):
 
 # ----------------------------------------------------------------------------- config checks
 
+TTA_MODES = ("none", "flip", "tencrop")  # eval.tta: see _tta_views
+
 _CHOICES = {
     "input.source": ("fer2013", "synthetic"),
     "input.protocol": ("standard", "seed", "val_fraction"),
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.schedule": ("constant", "cosine", "step"),
     "optim.class_weights": metrics_lib.CLASS_WEIGHTS,
-    "eval.tta": ("none", "flip", "tencrop"),
+    "eval.tta": TTA_MODES,
     "model.dtype": ("float32", "bfloat16"),
 }
 
@@ -137,7 +139,7 @@ def make_train_step(model, tx, config, class_weights=None):
   pair (int labels [B], teacher probabilities [B, K]) and the targets mix the two."""
   aug_cfg = config.augment
   label_smoothing = config.optim.label_smoothing
-  distill_weight = config.distill.weight if config.distill.get("targets") else None
+  distill_weight = config.distill.weight if config.distill.targets else None
   if (config.optim.class_weights != "none") != (class_weights is not None):
     raise ValueError(f"optim.class_weights={config.optim.class_weights!r} and class_weights "
                      f"{'missing' if class_weights is None else 'given'}: pass "

@@ -15,23 +15,12 @@ from fer import runs
 from fer import train
 
 import trained_run
+from train_test import tiny_config
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   return trained_run.tiny_run(tmp_path_factory)
-
-
-def _config(**overrides):
-  c = cnn_config.get_config("runlocal")
-  c.model.conv_features = (8, 16)
-  c.model.dense_features = (32,)
-  c.train.num_epochs = 1
-  c.train.steps_per_dispatch = 2
-  for key, value in overrides.items():
-    group, name = key.split(".")
-    c[group][name] = value
-  return c
 
 
 def _teacher_file(path, config, probs_fn, teachers=("teacher",)):
@@ -86,7 +75,7 @@ def test_targets_are_the_teachers_mean_matched_by_content(run_dir, tmp_path, cap
   assert summary["num_images"] == len(expected)
   # A run training on a shuffled subset of the images gets each image's own probabilities.
   order = np.random.default_rng(1).permutation(len(expected))[: len(expected) // 2]
-  student = _config(**{"distill.targets": str(out)})
+  student = tiny_config(**{"distill.targets": str(out)})
   student.input = config.input
   got, got_summary = distill.load_targets(student, data["train"]["image"][order])
   np.testing.assert_allclose(got, expected[order], rtol=1e-5, atol=1e-6)
@@ -103,7 +92,7 @@ def test_targets_are_the_teachers_mean_matched_by_content(run_dir, tmp_path, cap
 
 
 def test_unusable_targets_name_the_file_and_the_fix(tmp_path):
-  config = _config(**{"input.synthetic_train_size": 64})
+  config = tiny_config(**{"input.synthetic_train_size": 64})
   images = input_pipeline.load_splits(config.input)["train"]["image"]
   config.distill.targets = str(tmp_path / "missing.npz")
   with pytest.raises(distill.DistillError, match=r"missing.npz.*does not exist.*python -m "
@@ -145,10 +134,11 @@ def test_make_targets_refuses_teachers_of_other_splits_and_bad_flags(run_dir, tm
 def test_one_hot_teacher_trains_exactly_as_the_labels(tmp_path):
   """Teacher probabilities equal to the labels, at any weight, give the labels' training: the
   teacher rows follow the images through the shuffled batches."""
-  plain = _config(**{"input.synthetic_train_size": 192})
+  plain = tiny_config(**{"input.synthetic_train_size": 192, "train.num_epochs": 1})
   train.train_and_evaluate(plain, str(tmp_path / "plain"))
   one_hot = lambda labels: np.eye(7, dtype=np.float32)[labels]
-  distilled = _config(**{"input.synthetic_train_size": 192, "distill.weight": 0.7})
+  distilled = tiny_config(**{"input.synthetic_train_size": 192, "train.num_epochs": 1,
+                             "distill.weight": 0.7})
   distilled.distill.targets = str(_teacher_file(tmp_path / "t.npz", plain, one_hot))
   results = train.train_and_evaluate(distilled, str(tmp_path / "distilled"))
   assert results["distill_teachers"] == ["teacher"]
@@ -178,7 +168,7 @@ def test_student_learns_what_the_teacher_says(tmp_path, capsys):
 
 
 def test_bad_distill_values_fail_before_work(tmp_path):
-  c = _config(**{"distill.targets": str(tmp_path / "t.npz"), "distill.weight": 1.5,
+  c = tiny_config(**{"distill.targets": str(tmp_path / "t.npz"), "distill.weight": 1.5,
                  "distill.temperature": 0.0})
   with pytest.raises(train.ConfigError, match=r"distill.weight=1.5.*\n.*distill.temperature=0.0"):
     train.train_and_evaluate(c, str(tmp_path / "run"))
