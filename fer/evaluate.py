@@ -99,10 +99,11 @@ def find_labelled(data, class_map: dict[str, str] | None = None):
     raise DataError(f"--data={data}: not a folder (expected one folder per class, e.g. "
                     f"{root}/happy/*.jpg)")
   labelled, skipped = [], {}
-  loose = [f for f in root.iterdir() if f.is_file() and not f.name.startswith(".")]
+  entries = [e for e in root.iterdir() if not e.name.startswith(".")]
+  loose = [f for f in entries if f.is_file()]
   if loose:
     skipped[TOP_LEVEL] = len(loose)
-  folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+  folders = sorted(d for d in entries if d.is_dir())
   names = ", ".join(d.name for d in folders[:12]) or "no folders at all"
   unused = sorted(set(class_map or {}) - {d.name.lower() for d in folders})
   if unused:
@@ -158,13 +159,14 @@ class LargestFace:
 
 def evaluate(run: runs.Run | Sequence[runs.Run], data, out,
              class_map: dict[str, str] | None = None, detector=None, tta: str | None = None,
-             batch_size: int = 256, progress_stream=sys.stderr) -> dict:
+             batch_size: int = 256, progress_stream=sys.stderr, found=None) -> dict:
   """Classifies every labelled image under `data` with `run` (or an ensemble: several runs, whose
   probabilities are averaged, each with its own eval.tta unless `tta` is given) and writes the
-  results into `out` (module docstring); returns results.json's content."""
+  results into `out` (module docstring); returns results.json's content. `found`: what
+  find_labelled(data, class_map) returned, where the caller has it already."""
   members = [run] if isinstance(run, runs.Run) else list(run)
   ttas = [tta or m.config.eval.get("tta", "none") for m in members]
-  labelled, skipped = find_labelled(data, class_map)
+  labelled, skipped = found or find_labelled(data, class_map)
   out = check_out(out, data)
   files = [f for f, _ in labelled]
   progress = predict.Progress(len(files), progress_stream)
@@ -263,7 +265,7 @@ def main(argv: Sequence[str]) -> int:
   f = flags.FLAGS
   try:
     class_map = parse_class_map(f.class_map)
-    find_labelled(f.data, class_map)  # a wrong folder fails before the model loads
+    found = find_labelled(f.data, class_map)  # a wrong folder fails before the model loads
     check_out(f.out, f.data)
     if f.checkpoint and len(f.workdir or []) > 1:
       raise DataError("--checkpoint names one model: give it alone, or --workdir=A,B,... for an "
@@ -274,7 +276,8 @@ def main(argv: Sequence[str]) -> int:
       tta = f.tta or m.config.eval.get("tta", "none")
       print(f"Model: {m.checkpoint.path} (epoch {m.checkpoint.epoch}, "
             f"{runs.val_accuracy_line(m, tta)})", file=sys.stderr, flush=True)
-    results = evaluate(members, f.data, f.out, class_map, detector, f.tta, f.batch_size)
+    results = evaluate(members, f.data, f.out, class_map, detector, f.tta, f.batch_size,
+                       found=found)
   except (DataError, runs.RunError, RuntimeError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
