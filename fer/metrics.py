@@ -99,8 +99,10 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, num_bins: int = ECE_
   probs = np.asarray(probs, np.float64)
   confidence = probs.max(1)
   correct = probs.argmax(1) == np.asarray(labels)
-  # Bin b holds confidences in (b/B, (b+1)/B]; a confidence of exactly 0 goes to bin 0.
-  bins = np.clip(np.ceil(confidence * num_bins).astype(np.int64) - 1, 0, num_bins - 1)
+  # Bin b holds confidences in (b/B, (b+1)/B]; a confidence of exactly 0 goes to bin 0, and so
+  # does a NaN one (a diverged search trial's), which makes its bin and the ECE NaN.
+  bins = np.clip(np.ceil(np.nan_to_num(confidence) * num_bins).astype(np.int64) - 1, 0,
+                 num_bins - 1)
   count = np.bincount(bins, minlength=num_bins)
   with np.errstate(divide="ignore", invalid="ignore"):
     mean_conf = np.bincount(bins, confidence, num_bins) / count

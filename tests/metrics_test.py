@@ -47,6 +47,14 @@ def test_bins_are_closed_on_the_right():
   assert conf[14] == 1.0
 
 
+def test_nan_probabilities_give_a_nan_ece_quietly():
+  # A diverged search trial's val probabilities: its ECE is NaN, not a number from garbage bins.
+  probs = np.array([[np.nan, np.nan], [0.9, 0.1]])
+  with np.errstate(all="raise"):
+    conf, _, count = metrics.reliability_bins(probs, np.array([0, 0]))
+  assert count.sum() == 2 and count[0] == 1 and np.isnan(conf[0])
+  assert np.isnan(metrics.expected_calibration_error(probs, np.array([0, 0])))
+
 def test_calibrated_probabilities_have_small_ece_and_overconfident_large():
   probs, labels = _sampled(40_000, 1.0)
   assert metrics.expected_calibration_error(probs, labels) < 0.01
