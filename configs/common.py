@@ -69,6 +69,9 @@ def base() -> ml_collections.ConfigDict:
   # (balanced), or its square root (sqrt); see fer.metrics.class_weights.
   c.optim.class_weights = "none"
   c.optim.grad_clip_norm = 0.0  # 0 = off
+  # Exponential moving average of the weights and batch statistics (e.g. 0.999): where > 0, the
+  # average is what is evaluated each epoch, selected by val, tested and saved as the model.
+  c.optim.ema_decay = 0.0
   c.optim.freeze = ""  # regex over parameter paths ("a/b/kernel") that get no updates
   c.optim.lr_scales = ()  # ((regex, factor), ...): learning-rate factors, e.g. (("^block", 0.1),)
 

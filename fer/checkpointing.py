@@ -20,6 +20,7 @@ What a run survives (tests/reliability_test.py; the README's "Guarantees" sectio
   the last good one.
 """
 
+import dataclasses
 import errno
 import fcntl
 import json
@@ -188,6 +189,15 @@ def _non_finite_leaves(state):
   return bad
 
 
+def _stored(state):
+  """What a checkpoint holds of `state` (or of its abstract twin): a TrainState without a moving
+  average of its weights (`ema` empty: optim.ema_decay off) goes without that field, as runs
+  saved it before the field existed, so those checkpoints and these read alike."""
+  if dataclasses.is_dataclass(state) and hasattr(state, "ema") and not state.ema:
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "ema"}
+  return state
+
+
 def _warn(message: str):
   """'WARNING: message' on stdout, beside the progress lines; once per run, by process 0 (every
   process of a multi-host run restores the same checkpoints)."""
@@ -244,7 +254,7 @@ class Checkpoints:
           f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}), so checkpoint {epoch} was "
           f"not saved; {kept}. Lower optim.learning_rate or set optim.grad_clip_norm.")
     try:
-      mgr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+      mgr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(_stored(state)),
                                               meta=ocp.args.JsonSave(meta)),
                metrics=metrics, force=True)
       mgr.wait_until_finished()
@@ -289,11 +299,15 @@ class Checkpoints:
         problems.append(msg)
     for s in steps:
       try:
+        target = _stored(abstract_state)
         restored = mgr.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         if problems:
           _warn(f"using checkpoint {s} of {mgr.directory} instead")
-        return s, restored.state, restored.meta
+        state = restored.state
+        if target is not abstract_state:
+          state = abstract_state.replace(**state)
+        return s, state, restored.meta
       except Exception as e:  # orbax raises many types for damaged files
         msg = f"checkpoint {s} in {mgr.directory}: {_describe(e)}"
         _warn(f"cannot restore {msg}")

@@ -262,8 +262,10 @@ def restore_state(step_dir) -> dict:
 
 
 def restore_variables(step_dir) -> dict:
-  """{'params', 'batch_stats'} of a checkpoint, as numpy arrays."""
+  """{'params', 'batch_stats'} of a checkpoint, as numpy arrays: the moving average of the
+  weights where the run kept one (optim.ema_decay), as training evaluated and selected it."""
   state = restore_state(step_dir)
+  state = state.get("ema") or state
   return {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
 
 

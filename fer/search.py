@@ -248,9 +248,10 @@ def group_optimizer(optim_cfg, steps_per_epoch, num_epochs, decay: bool):
   return optax.inject_hyperparams(factory)(learning_rate=0.0, weight_decay=0.0)
 
 
-def make_group_init(model, tx, sample_shape, sample_dtype):
+def make_group_init(model, tx, sample_shape, sample_dtype, config=None):
   """init(keys [G], lrs [G], wds [G]) -> a TrainState stacked over G members; member g equals
-  fer.train.create_train_state's state for seed g (same init and rng split)."""
+  fer.train.create_train_state's state for seed g (same init and rng split). `config`: the
+  members' shared config (its optim.ema_decay); None: no moving average."""
 
   def one(rng, lr, wd):
     k_init, k_train = jax.random.split(rng)
@@ -260,9 +261,11 @@ def make_group_init(model, tx, sample_shape, sample_dtype):
     opt_state = tx.init(params)
     hyper = dict(opt_state.hyperparams, learning_rate=jnp.asarray(lr, jnp.float32),
                  weight_decay=jnp.asarray(wd, jnp.float32))  # not weakly typed: no recompile
+    batch_stats = variables.get("batch_stats", {})
     return train.TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                            batch_stats=variables.get("batch_stats", {}),
-                            opt_state=opt_state._replace(hyperparams=hyper), rng=k_train)
+                            batch_stats=batch_stats,
+                            opt_state=opt_state._replace(hyperparams=hyper), rng=k_train,
+                            ema=train.initial_ema(config, params, batch_stats) if config else {})
 
   return jax.vmap(one)
 
@@ -329,7 +332,7 @@ def train_group(configs, workdir, data, sources=None, names=None) -> list[dict]:
   model = build_model(c0.model)
   tx = group_optimizer(c0.optim, steps_per_epoch, num_epochs,
                        decay=any(c.optim.weight_decay for c in configs))
-  init = jax.jit(make_group_init(model, tx, train_x.shape[1:], train_x.dtype),
+  init = jax.jit(make_group_init(model, tx, train_x.shape[1:], train_x.dtype, c0),
                  out_shardings=replicated)
 
 
@@ -421,7 +424,7 @@ def _train_group_epochs(c0, model, tx, mesh, state, meta, data, ckpts, workdir, 
     loss = np.asarray(sum(m["loss"] for m in sums)) / steps_per_epoch
     acc = np.asarray(sum(m["correct"] for m in sums)) / (steps_per_epoch * batch_size)
     train_time = time.perf_counter() - t0
-    variables = train._variables(state.params, state.batch_stats)  # pylint: disable=protected-access
+    variables = train.eval_variables(state)
     probs = train.predict_probs(predict, variables, data["val"]["image"],
                                 c0.input.eval_batch_size, mesh)
     epoch += 1

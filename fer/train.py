@@ -45,6 +45,10 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   rng: jax.Array  # base key; step i uses fold_in(rng, i), so a resumed run repeats exactly
+  # optim.ema_decay > 0: {'params', 'batch_stats'} averaged over the steps, the weights that are
+  # evaluated, selected and saved as the model (eval_variables); else {}, and then absent from
+  # checkpoints, which stay those of the runs before it (fer.checkpointing).
+  ema: Any = flax.struct.field(default_factory=dict)
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -116,7 +120,7 @@ def validate_config(config):
     if config.model.name == "vgg16_head":
       problems.append("distill.targets with model.name='vgg16_head': teacher targets are matched "
                       "to images, and this model trains on cached features")
-  for key in ("model.dropout", "model.conv_dropout", "augment.erase_prob"):
+  for key in ("model.dropout", "model.conv_dropout", "augment.erase_prob", "optim.ema_decay"):
     group, name = key.split(".")
     if not 0 <= config[group][name] < 1:
       problems.append(f"{key}={config[group][name]!r}: expected 0 <= p < 1")
@@ -131,6 +135,28 @@ def _variables(params, batch_stats):
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
+def eval_variables(state: TrainState) -> dict:
+  """The variables that are evaluated and kept: the moving average of the weights (and batch
+  statistics) where optim.ema_decay is on, else the trained ones."""
+  if state.ema:
+    return _variables(state.ema["params"], state.ema["batch_stats"])
+  return _variables(state.params, state.batch_stats)
+
+
+def initial_ema(config, params, batch_stats) -> dict:
+  """TrainState.ema at the start: a copy of the variables with optim.ema_decay, else {}."""
+  if not config.optim.ema_decay:
+    return {}
+  return jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats})
+
+
+def ema_decay_at(ema_decay: float, step):
+  """The moving average's decay at `step`: min(ema_decay, (1 + step) / (10 + step)), short at
+  first so that the random initial weights fade within the first hundred or so steps."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+
+
 def make_train_step(model, tx, config, class_weights=None):
   """train_step(state, images, labels) -> (state, (loss, number correct)): one optimizer step
   on one batch (augmentation and mixing inside, per-step keys from fold_in(rng, step)).
@@ -140,6 +166,7 @@ def make_train_step(model, tx, config, class_weights=None):
   aug_cfg = config.augment
   label_smoothing = config.optim.label_smoothing
   distill_weight = config.distill.weight if config.distill.targets else None
+  ema_decay = config.optim.ema_decay
   if (config.optim.class_weights != "none") != (class_weights is not None):
     raise ValueError(f"optim.class_weights={config.optim.class_weights!r} and class_weights "
                      f"{'missing' if class_weights is None else 'given'}: pass "
@@ -173,6 +200,11 @@ def make_train_step(model, tx, config, class_weights=None):
     correct = jnp.sum(jnp.argmax(logits, -1) == labels)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
+    if ema_decay:
+      d = ema_decay_at(ema_decay, state.step)
+      new_state = new_state.replace(ema=jax.tree.map(
+          lambda e, x: d * e + (1 - d) * x, state.ema,
+          {"params": params, "batch_stats": batch_stats}))
     return new_state, (loss, correct)
 
   return train_step
@@ -313,7 +345,8 @@ def create_train_state(config, model, tx_fn, mesh, sample_shape, sample_dtype=jn
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx_fn(params).init(params), rng=k_train)
+                      opt_state=tx_fn(params).init(params), rng=k_train,
+                      ema=initial_ema(config, params, batch_stats))
 
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
@@ -583,7 +616,7 @@ def _train_and_evaluate(config, workdir, data=None):
       _check_finite(train_loss, int(state.step), ckpts, workdir)
       train_time = time.perf_counter() - t0
 
-      variables = _variables(state.params, state.batch_stats)
+      variables = eval_variables(state)
       val_probs = predict_probs(predict, variables, data["val"]["image"],
                                 config.input.eval_batch_size, mesh)
       val = metrics_lib.classification_metrics(val_probs, data["val"]["label"], "val")
@@ -668,7 +701,8 @@ def _initialise_from(config, state, shardings):
     params = pretrained.merge_params(params, src["params"], reset_regex=None)
     if src.get("batch_stats"):
       batch_stats = pretrained.merge_params(batch_stats, src["batch_stats"], reset_regex=None)
-  state = state.replace(params=params, batch_stats=batch_stats)
+  state = state.replace(params=params, batch_stats=batch_stats,
+                        ema=initial_ema(config, params, batch_stats))
   return jax.device_put(state, shardings)
 
 
@@ -702,7 +736,7 @@ def _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, mode
   if best is None:
     raise checkpointing.CheckpointError(f"{workdir}/checkpoints/best holds no checkpoint")
   best_epoch, best_state, _ = best
-  variables = _variables(best_state.params, best_state.batch_stats)
+  variables = eval_variables(best_state)
   predict = make_predict(model, config.eval.tta)
   split_metrics, split_probs = {}, {}
   for split in ("val", "test"):

@@ -42,12 +42,12 @@ def _rows(workdir):
   return search.read_records(pathlib.Path(workdir) / "trials.jsonl")
 
 
-def _params(checkpoint_dir):
+def _params(checkpoint_dir, field="params"):
   mgr = ocp.CheckpointManager(pathlib.Path(checkpoint_dir).absolute())
   tree = ocp.StandardCheckpointer().restore(
       pathlib.Path(mgr.directory, str(mgr.latest_step()), "state"))
   mgr.close()
-  return tree["params"]
+  return tree[field]
 
 
 # ----------------------------------------------------------------------------- spaces
@@ -204,7 +204,8 @@ def test_search_with_failures_resumes_after_kill(tmp_path, monkeypatch):
 def test_vmapped_group_matches_separately_trained_trials(tmp_path):
   """A member of a vmapped group equals the fer.train run of its config (same seed and data
   order, no dropout), with its own learning rate and weight decay (the optimizer state's
-  placeholders are 0), batch norm and random flips."""
+  placeholders are 0), batch norm, random flips and a moving average of the weights (which
+  both evaluate; the checkpoints compared below hold it)."""
   base = search.trial_base(tiny_search())
   base.model.conv_features = (4, 8)
   base.model.batch_norm = True
@@ -212,6 +213,7 @@ def test_vmapped_group_matches_separately_trained_trials(tmp_path):
   # order moves bf16 roundings downstream, so members agree to ~1e-4, not to float tolerance.
   base.model.conv_impl = "xla"
   base.augment.flip = True
+  base.optim.ema_decay = 0.9
   base.train.num_epochs = 1
   configs = [search.apply_overrides(base, {"optim.learning_rate": 3e-3,
                                            "optim.weight_decay": 1e-3}),
@@ -225,10 +227,11 @@ def test_vmapped_group_matches_separately_trained_trials(tmp_path):
              .splitlines()]
   np.testing.assert_allclose(group[0]["history"][0]["train/loss"], history[0]["train/loss"],
                              rtol=1e-5)
-  stacked = _params(tmp_path / "group" / "checkpoints" / "last")
-  mine = _params(tmp_path / "alone" / "checkpoints" / "last")
-  for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(stacked)):
-    np.testing.assert_allclose(b[0], a, rtol=1e-4, atol=1e-5)
+  for field in ("params", "ema"):
+    stacked = _params(tmp_path / "group" / "checkpoints" / "last", field)
+    mine = _params(tmp_path / "alone" / "checkpoints" / "last", field)
+    for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(stacked), strict=True):
+      np.testing.assert_allclose(b[0], a, rtol=1e-4, atol=1e-5)
   assert group[1]["val/loss"] != group[0]["val/loss"]  # the other member trained otherwise
   assert group[1]["history"][0]["train/loss"] != group[0]["history"][0]["train/loss"]
 

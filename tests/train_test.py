@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,9 +20,11 @@ from configs import strong as strong_config
 from fer import checkpointing
 from fer import input_pipeline
 from fer import metrics
+from fer import optim
 from fer import runs
 from fer import train
 from fer.datasets import synthetic
+from fer.models import build_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -96,6 +99,71 @@ def test_resume_is_exact_and_completed_run_only_reports(tmp_path, capsys):
   assert "is complete" in capsys.readouterr().out
   assert again["test/accuracy"] == r["test/accuracy"]
 
+
+def test_ema_steps_average_the_weights():
+  c = tiny_config(**{"optim.ema_decay": 0.99})
+  model = build_model(c.model)
+  tx_fn = lambda params: optim.make_optimizer(c.optim, params, 10, 1)[0]
+  state, _ = train.create_train_state(c, model, tx_fn, train.make_mesh(), (48, 48, 1))
+  step = jax.jit(train.make_train_step(model, tx_fn(state.params), c))
+  images, labels = synthetic.make_faces(32, seed=0)
+  seen = [state.params]
+  for _ in range(2):
+    state, _ = step(state, images, labels)
+    seen.append(state.params)
+  d0, d1 = 1 / 10, min(0.99, 2 / 11)  # the decay's warm-up: (1 + t) / (10 + t)
+  expected = jax.tree.map(lambda p0, p1, p2: d1 * (d0 * p0 + (1 - d0) * p1) + (1 - d1) * p2,
+                          *seen)
+  for x, y in zip(jax.tree.leaves(state.ema["params"]), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+  assert set(state.ema) == {"params", "batch_stats"} and state.ema["batch_stats"]
+
+
+def test_ema_is_the_model_that_is_evaluated_selected_and_kept(tmp_path):
+  c = tiny_config(**{"optim.ema_decay": 0.9, "train.num_epochs": 3})
+  results = train.train_and_evaluate(c, str(tmp_path))
+  assert results["val/accuracy"] > 0.3, results["val/accuracy"]  # learning: chance is 1/7
+  raw = runs.restore_state(runs.best_checkpoint_dir(tmp_path))
+  run = runs.load(str(tmp_path))  # as fer.predict, evaluate, export, ensemble, init_from load it
+  for x, y in zip(jax.tree.leaves(run.variables), jax.tree.leaves(
+      {"params": raw["ema"]["params"], "batch_stats": raw["ema"]["batch_stats"]})):
+    np.testing.assert_array_equal(x, y)
+  assert not all(np.allclose(x, y) for x, y in zip(jax.tree.leaves(raw["params"]),
+                                                   jax.tree.leaves(raw["ema"]["params"])))
+  # The final evaluation ran the average (its saved val probabilities are the average's), and it
+  # is the accuracy that picked the best epoch (eval.tta none: both are the same evaluation).
+  val = input_pipeline.load_splits(c.input)["val"]["image"]
+  probs = train.predict_probs(train.make_predict(run.model, "none"), run.variables, val, 64,
+                              train.make_mesh())
+  np.testing.assert_allclose(probs, np.load(tmp_path / "val_probs.npy"), atol=1e-5)
+  history = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert results["val/accuracy"] == history[results["best_epoch"] - 1]["val/accuracy"]
+
+
+def test_checkpoints_without_a_moving_average_keep_their_layout(tmp_path):
+  """A run without optim.ema_decay saves the fields that runs saved before TrainState had `ema`,
+  and those older checkpoints restore into today's TrainState."""
+
+  @flax.struct.dataclass
+  class OldTrainState:  # fer.train.TrainState before optim.ema_decay
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    opt_state: tuple
+    rng: jax.Array
+
+  fields = dict(step=jnp.array(3), params={"w": jnp.arange(4.0)}, batch_stats={},
+                opt_state=(jnp.ones(2),), rng=jax.random.PRNGKey(1))
+  abstract = jax.eval_shape(lambda: train.TrainState(**fields))
+  for name, state in (("old", OldTrainState(**fields)), ("new", train.TrainState(**fields))):
+    ckpts = checkpointing.Checkpoints(tmp_path / name)
+    ckpts.save_last(1, state, {"epoch": 1})
+    assert set(runs.state_metadata(tmp_path / name / "checkpoints" / "last" / "1")) == {
+        "step", "params", "batch_stats", "opt_state", "rng"}
+    epoch, restored, meta = checkpointing.Checkpoints.restore(ckpts.last, abstract)
+    ckpts.close()
+    assert isinstance(restored, train.TrainState) and restored.ema == {} and epoch == 1
+    np.testing.assert_array_equal(restored.params["w"], np.arange(4.0))
 
 def test_test_accuracy_with_and_without_a_train_copy_is_reported(tmp_path, capsys):
   """FER2013's test split carries 'train_copy' (input_pipeline.load_splits); the final evaluation
@@ -176,6 +244,7 @@ def test_resuming_with_another_config_is_refused_and_changes_nothing(tmp_path):
     ("optim.name", "lamb", "optim.name"),
     ("model.dropout", 1.5, "model.dropout"),
     ("optim.class_weights", "inverse", "optim.class_weights"),
+    ("optim.ema_decay", 1.0, r"optim.ema_decay=1.0: expected 0 <= p < 1"),
 ])
 def test_bad_config_fails_before_work(tmp_path, key, value, message):
   with pytest.raises(ValueError, match=message):
