@@ -9,8 +9,8 @@ Experiments (names as in the README's results table): data_report, search, cnn_s
 augment_standard_s<k> (protocol `standard`), cnn_seed_s<k>, augment_seed_s<k> (protocol `seed`,
 the original study's), cnn_nocopies_s<k>, augment_nocopies_s<k> (protocol `standard`, trained
 without the Training images that have a near copy in val or test), augment_teachers (their
-probabilities on Training: fer.distill) and augment_distilled_s<k> (augment_nocopies trained on
-those and the labels), vgg16_cached, vgg16_frozen,
+probabilities on Training: fer.distill), augment_distilled_s<k> and cnn_distilled_s<k> (augment
+and cnn, without the copies, trained on those and the labels), vgg16_cached, vgg16_frozen,
 vgg16_finetune, strong_s<k>, strong_seed_s<k>, for k < --seeds, and with 2 seeds or more each
 family's <family>_ensemble (cnn_standard_ensemble, ..., strong_ensemble, strong_seed_ensemble). The README's strong_ensemble has a fourth seed:
 `--only=strong_s0,strong_s1,strong_s2,strong_s3,strong_ensemble --seeds=4`.
@@ -93,18 +93,19 @@ def experiments(root: pathlib.Path, seeds: int, vgg16_weights: str = "keras",
   if seeds >= 2:
     out += [ensemble("cnn_nocopies"), ensemble("augment_nocopies")]
   # Distillation: the augment_nocopies seeds label Training (fer.distill); students of the same
-  # config train on those targets and the labels.
+  # config, and of configs/cnn.py, train on those targets and the labels.
   targets = root / "augment_teachers" / "targets.npz"
   teachers = tuple(f"augment_nocopies_s{k}" for k in range(seeds))
   out.append(Experiment("augment_teachers", (
       "fer.distill", f"--teachers={','.join(str(root / n) for n in teachers)}", f"--out={targets}"),
       done_file=targets.name, collect=False, after=teachers))
   for k in range(seeds):
-    out.append(t(f"augment_distilled_s{k}", "configs/augment.py", clean,
-                 f"--config.distill.targets={targets}", f"--config.seed={k}",
-                 after=("augment_teachers",)))
+    for student in ("augment", "cnn"):
+      out.append(t(f"{student}_distilled_s{k}", f"configs/{student}.py", clean,
+                   f"--config.distill.targets={targets}", f"--config.seed={k}",
+                   after=("augment_teachers",)))
   if seeds >= 2:
-    out.append(ensemble("augment_distilled"))
+    out += [ensemble("augment_distilled"), ensemble("cnn_distilled")]
   suffix = "" if vgg16_weights != "none" else "_scratch"
   weights = (f"--config.pretrained.weights={vgg16_weights}",)
   frozen = f"vgg16_frozen{suffix}"

@@ -29,8 +29,9 @@ def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
                    "cnn_seed_ensemble", "augment_seed_ensemble",
                    "cnn_nocopies_s0", "augment_nocopies_s0", "cnn_nocopies_s1",
                    "augment_nocopies_s1", "cnn_nocopies_ensemble", "augment_nocopies_ensemble",
-                   "augment_teachers", "augment_distilled_s0", "augment_distilled_s1",
-                   "augment_distilled_ensemble",
+                   "augment_teachers", "augment_distilled_s0", "cnn_distilled_s0",
+                   "augment_distilled_s1", "cnn_distilled_s1", "augment_distilled_ensemble",
+                   "cnn_distilled_ensemble",
                    "vgg16_cached", "vgg16_frozen", "vgg16_finetune",
                    "strong_s0", "strong_s1", "strong_ensemble",
                    "strong_seed_s0", "strong_seed_s1", "strong_seed_ensemble"]
@@ -53,6 +54,9 @@ def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
   assert f"--config.distill.targets={targets}" in student.argv
   assert "--config.input.drop_train_copies=True" in student.argv
   assert student.after == ("augment_teachers",)
+  cnn_student = every_run(tmp_path)["cnn_distilled_s0"]
+  assert "--config=configs/cnn.py" in cnn_student.argv and cnn_student.after == student.after
+  assert f"--config.distill.targets={targets}" in cnn_student.argv
   by_name = {e.name: e for e in run_study.experiments(tmp_path, seeds=2, vgg16_weights="none")
              if e.name.startswith("vgg16")}
   assert f"--config.init_from={tmp_path / 'vgg16_frozen_scratch'}" in by_name[
