@@ -55,6 +55,7 @@ def test_nan_probabilities_give_a_nan_ece_quietly():
   assert count.sum() == 2 and count[0] == 1 and np.isnan(conf[0])
   assert np.isnan(metrics.expected_calibration_error(probs, np.array([0, 0])))
 
+
 def test_calibrated_probabilities_have_small_ece_and_overconfident_large():
   probs, labels = _sampled(40_000, 1.0)
   assert metrics.expected_calibration_error(probs, labels) < 0.01

@@ -126,7 +126,7 @@ def test_ema_is_the_model_that_is_evaluated_selected_and_kept(tmp_path):
   raw = runs.restore_state(runs.best_checkpoint_dir(tmp_path))
   run = runs.load(str(tmp_path))  # as fer.predict, evaluate, export, ensemble, init_from load it
   for x, y in zip(jax.tree.leaves(run.variables), jax.tree.leaves(
-      {"params": raw["ema"]["params"], "batch_stats": raw["ema"]["batch_stats"]})):
+      {"params": raw["ema"]["params"], "batch_stats": raw["ema"]["batch_stats"]}), strict=True):
     np.testing.assert_array_equal(x, y)
   assert not all(np.allclose(x, y) for x, y in zip(jax.tree.leaves(raw["params"]),
                                                    jax.tree.leaves(raw["ema"]["params"])))
