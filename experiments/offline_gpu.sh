@@ -70,10 +70,13 @@ run_plan() {
   local stop=${STOP_S:-45} out=${OUT:?set OUT: the folder for results.tgz}
   [[ -f $plan ]] || { echo "$plan: no such plan file" >&2; return 2; }
   local names=() args=() name rest
-  while read -r name rest; do
+  while read -r name rest || [[ -n $name ]]; do  # the last line may lack its newline
     [[ -z $name || $name == \#* ]] && continue
     if [[ ! $name =~ ^[A-Za-z0-9_.-]+$ || -z $rest ]]; then
       echo "$plan: bad line '$name $rest': expected '<name> <fer.main flags>'" >&2; return 2
+    fi
+    if [[ " ${names[*]} " == *" $name "* ]]; then
+      echo "$plan: the name $name is used twice (each run needs its own workdir)" >&2; return 2
     fi
     names+=("$name"); args+=("$rest")
   done < "$plan"
@@ -111,6 +114,11 @@ run_plan() {
           "runs/gpu/${names[$i]}/metrics.jsonl" 2> /dev/null || echo 0) epochs logged"
       kill -TERM "${pids[$i]}"
     fi
+  done
+  local grace=$((SECONDS + stop / 2))  # a run saves its checkpoint on SIGTERM, then exits
+  while (( SECONDS < grace )) && jobs -r | grep -q .; do sleep 1; done
+  for i in "${!pids[@]}"; do
+    kill -0 "${pids[$i]}" 2> /dev/null && echo "killing ${names[$i]}" && kill -KILL "${pids[$i]}"
   done
   wait
   if [[ -n ${AFTER:-} ]]; then  # e.g. fer.distill over the finished runs (its .npz is packed)

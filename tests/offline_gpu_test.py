@@ -19,6 +19,8 @@ def _run(tmp_path, *args, **env):
     ("only_a_name\n", "bad line 'only_a_name "),
     ("bad/name --config=configs/cnn.py\n", "bad line 'bad/name"),
     ("# nothing but a comment\n\n", "no runs in it"),
+    # The last line, without its newline, is read too.
+    ("a --config=configs/cnn.py\na --config=configs/augment.py", "the name a is used twice"),
 ])
 def test_a_bad_plan_is_refused_before_anything_runs(tmp_path, line, expected):
   plan = tmp_path / "plan.txt"
