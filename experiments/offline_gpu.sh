@@ -115,7 +115,8 @@ run_plan() {
       kill -TERM "${pids[$i]}"
     fi
   done
-  local grace=$((SECONDS + stop / 2))  # a run saves its checkpoint on SIGTERM, then exits
+  # SIGTERM ends a run at once; its last saved checkpoint stays whole (saves are atomic).
+  local grace=$((SECONDS + stop / 2))
   while (( SECONDS < grace )) && jobs -r | grep -q .; do sleep 1; done
   for i in "${!pids[@]}"; do
     kill -0 "${pids[$i]}" 2> /dev/null && echo "killing ${names[$i]}" && kill -KILL "${pids[$i]}"
