@@ -8,7 +8,7 @@
 #     .whl/                wheels a CUDA JAX image usually lacks (tensorflow-datasets and its
 #                          needs, ml-collections, tensorboardX) for CPython 3.12 on x86-64
 #                          (PYTHON_VERSION=3.11 etc. for another one)
-#     data/fer2013.tar.xz  the archive's train/ and test/ folders (about 45 MB)
+#     data/fer2013.tar.xz  the archive's train/ and test/ folders (about 43 MB)
 # There, in a copy of this checkout holding .whl/ and data/:
 #   DEADLINE_S=560 OUT=/tmp/out bash experiments/offline_gpu.sh run experiments/gpu_plan.txt
 #     installs .whl/ into /tmp/site (skipped if it is empty or absent), unpacks the data into
@@ -17,7 +17,7 @@
 #     seconds before DEADLINE_S after the script's start (each then keeps its last checkpoint),
 #     and packs the logs and each run's results.json, config.json, metrics.jsonl and saved
 #     probabilities into $OUT/results.tgz (no checkpoints). AFTER='<shell command>' runs once
-#     the runs have ended, e.g. AFTER='python3 -m fer.distill --teachers=runs/gpu/strong_s4
+#     the runs have ended, e.g. AFTER='python3 -m fer.distill --teachers=runs/gpu/strong_resnet_s0
 #     --out=runs/gpu/teachers.npz' (the teachers' probabilities on Training come back too; leave
 #     it time with a larger STOP_S).
 # Back here:
