@@ -93,6 +93,8 @@ class WorkdirLock:
 #                       fault_point("chunk") after each)
 #   kill_in_save:E      while saving last/E: its files are written, the step is not finalized
 #   kill_after_save:E   right after last/E is finalized, before anything else is written
+#   term_after_chunk:N  SIGTERM (not SIGKILL) after the N-th train chunk: the run saves the
+#                       epoch it is in and stops (fer.train._stop_on_sigterm)
 
 _fault_counts = {}
 
@@ -109,13 +111,18 @@ def _kill(where):
 
 
 def fault_point(name, value=None):
-  """Test hook: SIGKILLs this process at `kill_after_<name>:N` (N-th call, or value == N)."""
+  """Test hook: SIGKILLs this process at `kill_after_<name>:N` (N-th call, or value == N), or
+  sends it SIGTERM at `term_after_<name>:N`."""
   kind, n = _fault()
-  if kind != f"kill_after_{name}":
+  if kind not in (f"kill_after_{name}", f"term_after_{name}"):
     return
   _fault_counts[name] = _fault_counts.get(name, 0) + 1
   if n == (_fault_counts[name] if value is None else value):
-    _kill(f"after {name} {n}")
+    if kind.startswith("term"):
+      print(f"FER_FAULT: SIGTERM after {name} {n}", flush=True)
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      _kill(f"after {name} {n}")
 
 
 class _KillBeforeFinalize(ocp.path.atomicity.AtomicRenameTemporaryPath):

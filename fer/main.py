@@ -83,6 +83,11 @@ def main(argv):
     start_multihost(job)
   try:
     run(job, config)
+  except KeyboardInterrupt as e:
+    if type(e).__module__ == "fer.train":  # train.Stopped: on SIGTERM, after saving its epoch
+      print(f"fer: {e}", file=sys.stderr, flush=True)
+      sys.exit(128 + 15)  # what a shell reports for a process SIGTERM ended
+    raise
   except (ValueError, FloatingPointError, RuntimeError) as e:
     # The project's own errors (invalid config, data, checkpoints, a busy workdir, divergence)
     # say what is wrong and how to fix it; a traceback adds nothing. Others propagate.

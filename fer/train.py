@@ -14,7 +14,9 @@ import json
 import math
 import pathlib
 import re
+import signal
 import subprocess
+import threading
 import time
 from typing import Any
 
@@ -57,6 +59,11 @@ class TrainingDivergedError(FloatingPointError):
 
 class ConfigError(ValueError):
   """Impossible config values, found before any work starts."""
+
+
+class Stopped(KeyboardInterrupt):
+  """Training stopped on SIGTERM after saving the epoch it was in; the same command resumes it.
+  An interruption like Ctrl-C's, so that handlers of Exception (the search's) let it through."""
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -422,6 +429,39 @@ def load_data(config, workdir):
 # ----------------------------------------------------------------------------- the loop
 
 
+@contextlib.contextmanager
+def _stop_on_sigterm():
+  """SIGTERM (a scheduler's preemption notice, `timeout`, run_study's deadline) asks the loop
+  to stop after the epoch in progress, saved; a second SIGTERM ends the process at once. Yields
+  a function saying whether a stop was asked, agreed by all processes of a multi-process run
+  (each may get the signal in a different epoch: they stop at the first one any of them saw).
+  Outside the main thread, where Python cannot handle signals, nothing changes."""
+  asked = []
+  main_thread = threading.current_thread() is threading.main_thread()
+  previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+  previous = signal.SIG_DFL if previous is None else previous  # set outside Python
+
+  def handler(signum, frame):
+    del frame
+    asked.append(signum)
+    signal.signal(signal.SIGTERM, previous)
+    print("SIGTERM: stopping after this epoch, which is saved (a second SIGTERM stops at once).",
+          flush=True)
+
+  def stop_asked() -> bool:
+    if jax.process_count() == 1:
+      return bool(asked)
+    return bool(np.any(multihost_utils.process_allgather(np.int32(bool(asked)))))
+
+  if main_thread:
+    signal.signal(signal.SIGTERM, handler)
+  try:
+    yield stop_asked
+  finally:
+    if main_thread:
+      signal.signal(signal.SIGTERM, previous)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        data: dict | None = None, resume_may_change: tuple = ()) -> dict:
   """Trains, checkpoints, resumes, and evaluates the test split once at the end.
@@ -591,78 +631,85 @@ def _train_and_evaluate(config, workdir, data=None):
     epoch = meta["epoch"]
     epoch_walls = []
     every, pending_best = config.checkpoint.every_epochs, None
-    while epoch < num_epochs and not meta["stopped_early"]:
-      t0 = time.perf_counter()
-      perm = epoch_perm(epoch)
-      log = {"step": 0, "time": t0}
+    with _stop_on_sigterm() as stop_asked:
+      while epoch < num_epochs and not meta["stopped_early"]:
+        t0 = time.perf_counter()
+        perm = epoch_perm(epoch)
+        log = {"step": 0, "time": t0}
 
-      def on_chunk(done, state, sums, epoch=epoch, log=log):
-        checkpointing.fault_point("chunk")  # test hook (FER_FAULT); a no-op otherwise
-        if done - log["step"] < log_every or done >= steps_per_epoch:
-          return
-        loss_so_far = float(sum(s["loss"] for s in sums)) / done
-        _check_finite(loss_so_far, int(state.step), ckpts, workdir)
-        now = time.perf_counter()
-        rate = (done - log["step"]) * batch_size / max(now - log["time"], 1e-9)
-        eta = (steps_per_epoch - done) * batch_size / rate
-        print(f"  epoch {epoch + 1}/{num_epochs} step {done}/{steps_per_epoch} | "
-              f"{rate:,.0f} img/s | loss {loss_so_far:.4f} | epoch ETA {format_duration(eta)}",
+        def on_chunk(done, state, sums, epoch=epoch, log=log):
+          checkpointing.fault_point("chunk")  # test hook (FER_FAULT); a no-op otherwise
+          if done - log["step"] < log_every or done >= steps_per_epoch:
+            return
+          loss_so_far = float(sum(s["loss"] for s in sums)) / done
+          _check_finite(loss_so_far, int(state.step), ckpts, workdir)
+          now = time.perf_counter()
+          rate = (done - log["step"]) * batch_size / max(now - log["time"], 1e-9)
+          eta = (steps_per_epoch - done) * batch_size / rate
+          print(f"  epoch {epoch + 1}/{num_epochs} step {done}/{steps_per_epoch} | "
+                f"{rate:,.0f} img/s | loss {loss_so_far:.4f} | epoch ETA {format_duration(eta)}",
+                flush=True)
+          log.update(step=done, time=now)
+
+        state, sums = run_epoch(state, images, labels, perm, on_chunk)
+        train_loss = float(sum(s["loss"] for s in sums)) / steps_per_epoch
+        train_acc = float(sum(s["correct"] for s in sums)) / (steps_per_epoch * batch_size)
+        _check_finite(train_loss, int(state.step), ckpts, workdir)
+        train_time = time.perf_counter() - t0
+
+        variables = eval_variables(state)
+        val_probs = predict_probs(predict, variables, data["val"]["image"],
+                                  config.input.eval_batch_size, mesh)
+        val = metrics_lib.classification_metrics(val_probs, data["val"]["label"], "val")
+        epoch += 1
+        meta["train_seconds"] += train_time
+        row = {"epoch": epoch, "step": int(state.step), "train/loss": train_loss,
+               "train/accuracy": train_acc, "val/loss": val["val/loss"],
+               "val/accuracy": val["val/accuracy"],
+               "train/images_per_second": steps_per_epoch * batch_size / train_time,
+               "train/learning_rate": float(optim.make_schedule(
+                   config.optim, steps_per_epoch, num_epochs)(int(state.step))),
+               "epoch_seconds": time.perf_counter() - t0}
+        meta["history"].append(row)
+        meta["epoch"] = epoch
+        improved = val["val/accuracy"] > meta["best_val_accuracy"]
+        if improved:
+          meta["best_val_accuracy"] = val["val/accuracy"]
+          meta["best_epoch"] = epoch
+          meta["epochs_without_improvement"] = 0
+        else:
+          meta["epochs_without_improvement"] += 1
+        patience = config.train.early_stopping_epochs
+        if patience and meta["epochs_without_improvement"] >= patience:
+          meta["stopped_early"] = True
+        # SIGTERM: this epoch is saved and the run stops (one with epochs to go; else it ends).
+        stop = stop_asked() and epoch < num_epochs and not meta["stopped_early"]
+        save_now = epoch % every == 0 or epoch == num_epochs or meta["stopped_early"] or stop
+        if improved:  # else saved with the next last/: a copy, as the next epoch donates `state`
+          pending_best = ((epoch, state, meta, val["val/accuracy"]) if save_now else
+                          (epoch, jax.tree.map(lambda x: x.copy(), state), copy.deepcopy(meta),
+                           val["val/accuracy"]))
+        if save_now:
+          if pending_best:
+            ckpts.save_best(*pending_best)
+            pending_best = None
+          ckpts.save_last(epoch, state, meta)
+        writer.write(meta["history"], row)
+        # The ETA uses the median of this process's last 5 epochs, so one slow epoch (a paused
+        # process, a busy machine) does not swing it.
+        epoch_walls.append(time.perf_counter() - t0)
+        remaining = (num_epochs - epoch) * float(np.median(epoch_walls[-5:]))
+        print(f"epoch {epoch}/{num_epochs} | {row['train/images_per_second']:,.0f} img/s | "
+              f"train loss {train_loss:.4f} acc {train_acc:.4f} | val loss {val['val/loss']:.4f} "
+              f"acc {val['val/accuracy']:.4f}{' *' if improved else ''} | "
+              f"{format_duration(row['epoch_seconds'])} per epoch, "
+              f"ETA {format_duration(remaining)}",
               flush=True)
-        log.update(step=done, time=now)
-
-      state, sums = run_epoch(state, images, labels, perm, on_chunk)
-      train_loss = float(sum(s["loss"] for s in sums)) / steps_per_epoch
-      train_acc = float(sum(s["correct"] for s in sums)) / (steps_per_epoch * batch_size)
-      _check_finite(train_loss, int(state.step), ckpts, workdir)
-      train_time = time.perf_counter() - t0
-
-      variables = eval_variables(state)
-      val_probs = predict_probs(predict, variables, data["val"]["image"],
-                                config.input.eval_batch_size, mesh)
-      val = metrics_lib.classification_metrics(val_probs, data["val"]["label"], "val")
-      epoch += 1
-      meta["train_seconds"] += train_time
-      row = {"epoch": epoch, "step": int(state.step), "train/loss": train_loss,
-             "train/accuracy": train_acc, "val/loss": val["val/loss"],
-             "val/accuracy": val["val/accuracy"],
-             "train/images_per_second": steps_per_epoch * batch_size / train_time,
-             "train/learning_rate": float(optim.make_schedule(
-                 config.optim, steps_per_epoch, num_epochs)(int(state.step))),
-             "epoch_seconds": time.perf_counter() - t0}
-      meta["history"].append(row)
-      meta["epoch"] = epoch
-      improved = val["val/accuracy"] > meta["best_val_accuracy"]
-      if improved:
-        meta["best_val_accuracy"] = val["val/accuracy"]
-        meta["best_epoch"] = epoch
-        meta["epochs_without_improvement"] = 0
-      else:
-        meta["epochs_without_improvement"] += 1
-      patience = config.train.early_stopping_epochs
-      if patience and meta["epochs_without_improvement"] >= patience:
-        meta["stopped_early"] = True
-      save_now = epoch % every == 0 or epoch == num_epochs or meta["stopped_early"]
-      if improved:  # else saved with the next last/: a copy, as the next epoch donates `state`
-        pending_best = ((epoch, state, meta, val["val/accuracy"]) if save_now else
-                        (epoch, jax.tree.map(lambda x: x.copy(), state), copy.deepcopy(meta),
-                         val["val/accuracy"]))
-      if save_now:
-        if pending_best:
-          ckpts.save_best(*pending_best)
-          pending_best = None
-        ckpts.save_last(epoch, state, meta)
-      writer.write(meta["history"], row)
-      # The ETA uses the median of this process's last 5 epochs, so one slow epoch (a paused
-      # process, a busy machine) does not swing it.
-      epoch_walls.append(time.perf_counter() - t0)
-      remaining = (num_epochs - epoch) * float(np.median(epoch_walls[-5:]))
-      print(f"epoch {epoch}/{num_epochs} | {row['train/images_per_second']:,.0f} img/s | "
-            f"train loss {train_loss:.4f} acc {train_acc:.4f} | val loss {val['val/loss']:.4f} "
-            f"acc {val['val/accuracy']:.4f}{' *' if improved else ''} | "
-            f"{format_duration(row['epoch_seconds'])} per epoch, ETA {format_duration(remaining)}",
-            flush=True)
-      if meta["stopped_early"]:
-        print(f"Early stop: no better val accuracy for {patience} epochs.", flush=True)
+        if meta["stopped_early"]:
+          print(f"Early stop: no better val accuracy for {patience} epochs.", flush=True)
+        if stop:
+          raise Stopped(f"stopped by SIGTERM after epoch {epoch}/{num_epochs}, saved in "
+                        f"{workdir}/checkpoints/last/{epoch}: the same command resumes it")
 
     results = _final_evaluation(config, workdir, ckpts, state, shardings, data, mesh, model,
                                 meta, num_params, teachers)

@@ -20,9 +20,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_two_processes(workdir, *extra, env=None):
+def _run_two_processes(workdir, *extra, env=None, env1=None):
   """Both processes of a 2-process run (1 CPU device each): their (returncode, stdout, stderr),
-  process 0 first."""
+  process 0 first. `env1`: more environment for process 1 only."""
   port = _free_port()
   procs = []
   for pid in range(2):
@@ -30,7 +30,8 @@ def _run_two_processes(workdir, *extra, env=None):
                        "--num_processes=2", f"--process_id={pid}", *extra)
     procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True,
-                                  env={**os.environ, "XLA_FLAGS": "", **(env or {})}))
+                                  env={**os.environ, "XLA_FLAGS": "", **(env or {}),
+                                       **((env1 or {}) if pid else {})}))
   outs = []
   try:
     for p in procs:
@@ -82,6 +83,17 @@ def test_two_processes_killed_after_a_checkpoint_resume_exactly(tmp_path, one_pr
   assert rc0 == 0 and rc1 == 0, (err0[-2000:], err1[-2000:])
   assert "Resuming" in out0 and "after epoch 1" in out0
   assert _metrics(tmp_path) == _metrics(one_process)
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_epoch(tmp_path):
+  # Process 1 alone gets SIGTERM, in epoch 1 of 2: both save epoch 1 and exit 143 (none waits
+  # forever in a collective for a partner that stopped).
+  outs = _run_two_processes(tmp_path, _EPOCHS, env1={"FER_FAULT": "term_after_chunk:1"})
+  assert [rc for rc, _, _ in outs] == [143, 143], [err[-2000:] for _, _, err in outs]
+  assert "FER_FAULT: SIGTERM" not in outs[0][1]
+  for _, _, err in outs:
+    assert "stopped by SIGTERM after epoch 1/2" in err
+  assert len(_metrics(tmp_path)) == 1 and (tmp_path / "checkpoints" / "last" / "1").is_dir()
 
 
 @pytest.mark.parametrize("extra,message", [

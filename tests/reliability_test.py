@@ -172,6 +172,40 @@ def test_saving_every_two_epochs_ends_like_saving_every_epoch_even_when_killed(t
     assert results(workdir) == results(reference)
 
 
+def test_sigterm_saves_the_epoch_in_progress_and_the_rerun_ends_the_same(tmp_path, reference):
+  # Saving only every 3 epochs, so that epoch 1's checkpoint exists only because of SIGTERM,
+  # sent in epoch 1's 4th of 7 chunks: the run ends epoch 1, saves it and exits 143.
+  workdir, every = tmp_path / "w", "--config.checkpoint.every_epochs=3"
+  proc = run_main(workdir, every, fault="term_after_chunk:4")
+  assert proc.returncode == 143, (proc.stdout[-2000:], proc.stderr[-3000:])
+  assert "FER_FAULT: SIGTERM after chunk 4" in proc.stdout
+  assert f"stopped by SIGTERM after epoch 1/3, saved in {workdir}/checkpoints/last/1" in proc.stderr
+  assert "Traceback" not in proc.stderr and steps(workdir) == [1] and len(history(workdir)) == 1
+  assert "Resuming" in _ok(run_main(workdir, every)).stdout
+  assert steps(workdir) == [1, 3]
+  jax.tree.map(np.testing.assert_array_equal, state_tree(workdir), state_tree(reference))
+  jax.tree.map(np.testing.assert_array_equal, state_tree(workdir, "best"),
+               state_tree(reference, "best"))
+  assert history(workdir) == history(reference)
+  assert results(workdir) == results(reference)
+
+
+def test_a_second_sigterm_reaches_the_handler_from_before():
+  outer = []
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: outer.append(signum))
+  try:
+    with train._stop_on_sigterm() as stop_asked:
+      assert not stop_asked()
+      os.kill(os.getpid(), signal.SIGTERM)  # remembered: the loop stops after its epoch
+      assert stop_asked() and not outer
+      os.kill(os.getpid(), signal.SIGTERM)  # not held back (by default: the process ends)
+      assert outer == [signal.SIGTERM]
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert outer == [signal.SIGTERM] * 2
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_best_epoch_waiting_for_the_next_save_is_kept_intact(tmp_path):
   # A learning rate of ~0 without batch norm: val accuracy never beats epoch 1's, so best/1 is
   # saved at epoch 3, after two more epochs have donated the state it was taken from.
