@@ -11,20 +11,21 @@
 #     data/fer2013.tar.xz  the archive's train/ and test/ folders (about 43 MB)
 # There, in a copy of this checkout holding .whl/ and data/:
 #   DEADLINE_S=560 OUT=/tmp/out bash experiments/offline_gpu.sh run experiments/gpu_plan.txt
-#     installs .whl/ into /tmp/site (skipped if it is empty or absent), unpacks the data into
-#     /tmp/fer2013, starts every line of the plan at once (each gets 0.9/N of the GPU memory and
-#     logs to runs/gpu/<name>.log), sends SIGTERM to the runs still going STOP_S (default 45)
-#     seconds before DEADLINE_S after the script's start (each then keeps its last checkpoint),
-#     and packs the logs and each run's results.json, config.json, metrics.jsonl and saved
-#     probabilities into $OUT/results.tgz (no checkpoints). AFTER='<shell command>' runs once
-#     the runs have ended, e.g. AFTER='python3 -m fer.distill --teachers=runs/gpu/strong_resnet_s0
-#     --out=runs/gpu/teachers.npz' (the teachers' probabilities on Training come back too; leave
-#     it time with a larger STOP_S).
+#     reads the plan (experiments/run_study.py --plan: a bad line stops it before anything
+#     else), installs .whl/ into /tmp/site (skipped if it is empty or absent), unpacks the data
+#     into /tmp/fer2013, prepares it once, and runs the plan with run_study: every run at once
+#     (each gets 0.9/N of the GPU memory and logs to runs/gpu/<name>.log); STOP_S (default 45)
+#     seconds before DEADLINE_S after the script's start the runs still going get SIGTERM, save
+#     the epoch they are in and stop (SIGKILL STOP_S/2 later); each finished run is collected into
+#     runs/gpu/collected/<name>/ (results, config, figures, probabilities, its command and this
+#     machine: GPU name, cores, jax version, or $MACHINE). AFTER='<shell command>' runs then, e.g.
+#     AFTER="python3 -m fer.distill --teachers=runs/gpu/strong_resnet_s0 --out=runs/gpu/t.npz"
+#     (leave it time with a larger STOP_S). $OUT/results.tgz gets the logs, collected/, each run's
+#     results.json, config.json, metrics.jsonl and probabilities, and AFTER's .npz files; no
+#     checkpoints. Running it again resumes the stopped runs from their checkpoints.
 # Back here:
 #   mkdir -p runs && tar xzf results.tgz -C runs
-#   python experiments/study.py collect runs/gpu/<name> --name=<name> \
-#       --command="python -m fer.main <the plan line's args> --workdir=runs/<name>" --machine="..."
-#   python experiments/study.py table
+#   cp -r runs/gpu/collected/* experiments/results/ && python experiments/study.py table
 #
 # A plan file has one run per line, `<name> <fer.main flags>`; blank lines and # comments are
 # skipped, e.g.
@@ -68,19 +69,12 @@ run_plan() {
   local plan=${1:?usage: offline_gpu.sh run PLAN_FILE}
   local deadline=${DEADLINE_S:?set DEADLINE_S: seconds this script may take in all}
   local stop=${STOP_S:-45} out=${OUT:?set OUT: the folder for results.tgz}
-  [[ -f $plan ]] || { echo "$plan: no such plan file" >&2; return 2; }
-  local names=() args=() name rest
-  while read -r name rest || [[ -n $name ]]; do  # the last line may lack its newline
-    [[ -z $name || $name == \#* ]] && continue
-    if [[ ! $name =~ ^[A-Za-z0-9_.-]+$ || -z $rest ]]; then
-      echo "$plan: bad line '$name $rest': expected '<name> <fer.main flags>'" >&2; return 2
-    fi
-    if [[ " ${names[*]} " == *" $name "* ]]; then
-      echo "$plan: the name $name is used twice (each run needs its own workdir)" >&2; return 2
-    fi
-    names+=("$name"); args+=("$rest")
-  done < "$plan"
-  (( ${#names[@]} )) || { echo "$plan: no runs in it" >&2; return 2; }
+  local study=(python3 experiments/run_study.py --root=runs/gpu --plan="$plan")
+  # The plan is read (and refused, naming its bad line) before anything is installed.
+  local listing runs
+  listing=$("${study[@]}" --dry_run) || return 2
+  runs=$(grep -c ': would run ' <<< "$listing")
+  (( runs > 0 )) || runs=1  # all complete: run_study only collects them again
   if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || return 1
@@ -93,54 +87,36 @@ run_plan() {
     export FER2013_ARCHIVE=/tmp/fer2013
   fi
   export FER_DATA_DIR=${FER_DATA_DIR:-/tmp/ferdata} PYTHONUNBUFFERED=1
-  export XLA_PYTHON_CLIENT_MEM_FRACTION
-  XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(f'{0.9 / ${#names[@]}:.3f}')")
   mkdir -p runs/gpu
   # Prepare the data set once, before the runs race to do it.
   python3 -c "from fer import input_pipeline; input_pipeline.prepare()" \
       > runs/gpu/prepare.log 2>&1 || { tail runs/gpu/prepare.log; return 1; }
-  local pids=() i
-  for i in "${!names[@]}"; do
-    # shellcheck disable=SC2086  # the plan's flags split on spaces, as a shell would
-    python3 -m fer.main ${args[$i]} --workdir="runs/gpu/${names[$i]}" \
-        > "runs/gpu/${names[$i]}.log" 2>&1 &
-    pids+=($!)
-    echo "started ${names[$i]}: python -m fer.main ${args[$i]}"
-  done
-  while (( SECONDS < deadline - stop )) && jobs -r | grep -q .; do sleep 5; done
-  for i in "${!pids[@]}"; do
-    if kill -0 "${pids[$i]}" 2> /dev/null; then
-      echo "stopping ${names[$i]} (deadline): $(grep -c '"epoch"' \
-          "runs/gpu/${names[$i]}/metrics.jsonl" 2> /dev/null || echo 0) epochs logged"
-      kill -TERM "${pids[$i]}"
-    fi
-  done
-  # SIGTERM ends a run at once; its last saved checkpoint stays whole (saves are atomic).
-  local grace=$((SECONDS + stop / 2))
-  while (( SECONDS < grace )) && jobs -r | grep -q .; do sleep 1; done
-  for i in "${!pids[@]}"; do
-    kill -0 "${pids[$i]}" 2> /dev/null && echo "killing ${names[$i]}" && kill -KILL "${pids[$i]}"
-  done
-  wait
+  local gpu machine left
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null | head -1)
+  machine="${gpu:-GPU} machine, $(nproc) cores, jax $(python3 -c 'import jax
+print(jax.__version__)'), GPU shared by $runs concurrent runs"
+  left=$((deadline - stop - SECONDS))
+  (( left > 0 )) || left=1
+  # Every run of the plan at once (each logs to runs/gpu/<name>.log with 0.9/N of the GPU's
+  # memory); at the deadline they get SIGTERM, save their epoch and stop (SIGKILL STOP_S/2 later).
+  # Each finished run is collected into runs/gpu/collected/<name>/ with its command and machine.
+  "${study[@]}" --parallel="$runs" --deadline_s="$left" --grace_s=$((stop / 2)) \
+      --results=runs/gpu/collected --machine="${MACHINE:-$machine}"
+  echo "run_study ended with status $? (124: stopped at the deadline)"
   if [[ -n ${AFTER:-} ]]; then  # e.g. fer.distill over the finished runs (its .npz is packed)
     echo "after the runs: $AFTER"
     bash -c "$AFTER" > runs/gpu/after.log 2>&1 || echo "AFTER failed: see runs/gpu/after.log"
   fi
-  nvidia-smi --query-gpu=name --format=csv,noheader > runs/gpu/gpu.txt 2> /dev/null
   mkdir -p "$out"
-  (cd runs && find gpu -maxdepth 2 \( -name '*.log' -o -name gpu.txt -o -name results.json \
-      -o -name config.json -o -name metrics.jsonl -o -name '*_probs.npy' -o -name '*.npz' \) -print0 \
-      | tar czf "$out/results.tgz" --null -T -) || return 1
-  for i in "${!names[@]}"; do
-    local r=runs/gpu/${names[$i]}/results.json
-    if [[ -f $r ]]; then
-      python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], \
-'val %.4f test %.4f best epoch %s, %.0f s' % (r['val/accuracy'], r['test/accuracy'], \
-r['best_epoch'], r['train_seconds']))" "$r" "${names[$i]}"
-    else
-      echo "${names[$i]}: not finished (last lines of its log:)"; tail -3 "runs/gpu/${names[$i]}.log"
-    fi
-  done
+  (cd runs && { find gpu -maxdepth 2 \( -name '*.log' -o -name results.json -o -name config.json \
+      -o -name metrics.jsonl -o -name '*_probs.npy' -o -name '*.npz' \) -print0
+      find gpu/collected -type f -print0 2> /dev/null; } | tar czf "$out/results.tgz" --null -T -) \
+      || return 1
+  python3 -c "import glob, json
+for f in sorted(glob.glob('runs/gpu/collected/*/results.json')):
+  r = json.load(open(f))
+  print(f.split('/')[-2], 'val %.4f test %.4f, best epoch %s, %.0f s' % (
+      r['val/accuracy'], r['test/accuracy'], r['best_epoch'], r['train_seconds']))"
 }
 
 case ${1:-} in

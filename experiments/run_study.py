@@ -25,6 +25,15 @@ on one H100). Ensembles wait for their members and fine-tuning for its frozen ru
 dependency failed is not started. SIGTERM (a scheduler's, `timeout`'s) or Ctrl-C stops the runs
 in flight with it; the same command resumes them.
 
+A plan instead of the study (`--plan FILE`): one fer.main run per line, `<name> <fer.main
+flags>` (# comments and blank lines skipped), each into <root>/<name>, collected like the study's:
+  python experiments/run_study.py --root=runs/gpu --plan=experiments/gpu_plan.txt --parallel=2 \
+      --deadline_s=480 --results=runs/gpu/collected
+`--deadline_s=S`: S seconds after the start, the runs still going get SIGTERM (fer.main then
+saves the epoch it is in and stops; SIGKILL --grace_s later if it has not), nothing more is
+started, and the command exits 124; repeating it resumes them. experiments/offline_gpu.sh runs a
+plan this way on a GPU machine with a time limit.
+
 Data: $FER2013_ARCHIVE (and $FER_DATA_DIR) as for fer.main. The VGG16 runs need the pretrained
 weights (fer/pretrained.py says how to get them); `--vgg16_weights=none` trains them from
 scratch instead, under names ending in `_scratch`. On the 2-core CPU the full study takes days
@@ -35,6 +44,7 @@ import argparse
 import dataclasses
 import os
 import pathlib
+import re
 import shlex
 import signal
 import subprocess
@@ -122,6 +132,47 @@ def experiments(root: pathlib.Path, seeds: int, vgg16_weights: str = "keras",
   return out
 
 
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def read_plan(path, root: pathlib.Path, runlocal: bool = False) -> list[Experiment]:
+  """The runs of a plan file: `<name> <fer.main flags>` a line (shell quoting), into root/name.
+  A line it cannot use is a ValueError naming the file, the line and what was expected."""
+  path = pathlib.Path(path)
+  try:
+    lines = path.read_text().splitlines()
+  except OSError as e:
+    raise ValueError(f"{path}: cannot read the plan: {e.strerror or e}") from e
+  out, seen = [], {}
+  for number, line in enumerate(lines, 1):
+    where = f"{path}:{number}"
+    try:
+      words = shlex.split(line, comments=True)
+    except ValueError as e:
+      raise ValueError(f"{where}: {e} in {line.strip()!r}") from e
+    if not words:
+      continue
+    name, flags = words[0], words[1:]
+    if not _NAME.fullmatch(name) or not flags or not all(f.startswith("--") for f in flags):
+      raise ValueError(f"{where}: bad line {line.strip()!r}: expected '<name> <fer.main flags>' "
+                       "(a name of letters, digits, '_', '.', '-', then --flags)")
+    if name in seen:
+      raise ValueError(f"{where}: the name {name} is used twice (line {seen[name]} has it; each "
+                       "run needs its own workdir)")
+    if any(f.startswith("--workdir") for f in flags):
+      raise ValueError(f"{where}: drop --workdir: the run goes to --root/{name}")
+    if not any(f.startswith("--config=") for f in flags):
+      raise ValueError(f"{where}: {name} has no --config=<file> (e.g. --config=configs/strong.py)")
+    seen[name] = number
+    if runlocal:
+      flags = [f"{f}:runlocal" if f.startswith("--config=") and ":" not in f else f
+               for f in flags]
+    out.append(Experiment(name, ("fer.main", *flags, f"--workdir={root / name}")))
+  if not out:
+    raise ValueError(f"{path}: no runs in it (expected lines '<name> <fer.main flags>')")
+  return out
+
+
 def command(e: Experiment) -> str:
   return shlex.join(["python", "-m", *e.argv])
 
@@ -166,13 +217,27 @@ def main(argv=None) -> int:
   p.add_argument("--parallel", type=int, default=1,
                  help="runs at once (one GPU fits several small runs; each then logs to "
                       "<root>/<name>.log and gets 0.9/N of the GPU memory)")
+  p.add_argument("--plan", default="",
+                 help="a file of runs, '<name> <fer.main flags>' a line, instead of the study")
+  p.add_argument("--deadline_s", type=float, default=0,
+                 help="seconds after which the runs in flight get SIGTERM and none starts "
+                      "(exit 124; the same command resumes); 0: none")
+  p.add_argument("--grace_s", type=float, default=60,
+                 help="seconds a run may take to stop after SIGTERM before it gets SIGKILL")
+  p.add_argument("--machine", default="",
+                 help="the machine's description for the collected runs (default: its CPU)")
   args = p.parse_args(argv)
   root = pathlib.Path(args.root)
   if args.parallel < 1:
     p.error(f"--parallel={args.parallel}: expected 1 or more")
   prefixes = [s for s in args.only.split(",") if s]
-  todo = [e for e in experiments(root, args.seeds, args.vgg16_weights, args.runlocal)
-          if not prefixes or any(e.name.startswith(x) for x in prefixes)]
+  try:
+    every = (read_plan(args.plan, root, args.runlocal) if args.plan else
+             experiments(root, args.seeds, args.vgg16_weights, args.runlocal))
+  except ValueError as e:
+    print(f"run_study: {e}", file=sys.stderr)
+    return 2
+  todo = [e for e in every if not prefixes or any(e.name.startswith(x) for x in prefixes)]
   if not todo:
     print(f"--only={args.only!r} matches no experiment", file=sys.stderr)
     return 2
@@ -184,13 +249,28 @@ def main(argv=None) -> int:
   def finish(e):
     done.add(e.name)
     if e.collect and not args.dry_run:
-      study.collect(root / e.name, e.name, command(e), results_root=pathlib.Path(args.results))
+      study.collect(root / e.name, e.name, command(e), args.machine or None,
+                    results_root=pathlib.Path(args.results))
+
+  def epochs(e) -> str:
+    metrics = root / e.name / "metrics.jsonl"
+    n = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    return f", {n} epochs logged" if e.argv[0] == "fer.main" else ""
+
+  start, past_deadline = time.perf_counter(), False
 
   # A scheduler's SIGTERM (or Ctrl-C) stops the runs in flight too, not only this process:
   # they resume from their last checkpoint when the same command is repeated.
   previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
   try:
     while pending or running:
+      if args.deadline_s and time.perf_counter() - start >= args.deadline_s:
+        past_deadline = True
+        print(f"run_study: the deadline (--deadline_s={args.deadline_s:g}) has come; stopping "
+              f"{', '.join(r.e.name for r in running) or 'nothing'}"
+              + (f"; not started: {', '.join(e.name for e in pending)}" if pending else ""),
+              flush=True)
+        break
       for e in list(pending):  # start, in order, what may start
         deps = [d for d in e.after if d in selected]
         if any(d in failed for d in deps):
@@ -230,17 +310,23 @@ def main(argv=None) -> int:
     return 130
   finally:
     signal.signal(signal.SIGTERM, previous_handler)
-    for r in running:
+    for r in running:  # fer.main saves the epoch it is in and exits
       r.proc.terminate()
+    grace_end = time.perf_counter() + args.grace_s
     for r in running:
       try:
-        r.proc.wait(timeout=60)
+        r.proc.wait(timeout=max(0.0, grace_end - time.perf_counter()))
       except subprocess.TimeoutExpired:
         r.proc.kill()
-      print(f"{tag(r.e)}: stopped after {r.minutes():.1f} min; rerun the same command to "
-            "resume it", flush=True)
+        r.proc.wait()
+        print(f"{tag(r.e)}: still going {args.grace_s:g} s after SIGTERM: killed", flush=True)
+      print(f"{tag(r.e)}: stopped after {r.minutes():.1f} min{epochs(r.e)}; rerun the same "
+            "command to resume it", flush=True)
   if failed:
     print(f"failed: {', '.join(failed)}", file=sys.stderr)
+  if past_deadline:
+    return 124
+  if failed:
     return 1
   if not args.dry_run:
     print("all complete; `python experiments/study.py table` rebuilds the README table")

@@ -179,3 +179,73 @@ def test_sigterm_stops_the_runs_in_flight(tmp_path, monkeypatch):
     with pytest.raises(ProcessLookupError):
       os.kill(pid, 0)
   assert not (root / "c.pid").exists()
+
+
+# ----------------------------------------------------------------------------- --plan, --deadline_s
+
+
+def test_a_plan_lists_its_runs_each_into_its_own_workdir(tmp_path):
+  plan = tmp_path / "plan.txt"
+  plan.write_text("# two runs\n\nresnet_s0 --config=configs/strong_resnet.py --config.seed=0  # x\n"
+                  "cnn_a --config=configs/cnn.py '--config.model.dense_features=(32, 16)'")
+  resnet, cnn = run_study.read_plan(plan, tmp_path)
+  assert resnet.name == "resnet_s0" and resnet.collect and resnet.done_file == "results.json"
+  assert run_study.command(resnet) == (f"python -m fer.main --config=configs/strong_resnet.py "
+                                       f"--config.seed=0 --workdir={tmp_path / 'resnet_s0'}")
+  assert cnn.argv[2] == "--config.model.dense_features=(32, 16)"  # shell quoting
+  assert run_study.read_plan(plan, tmp_path, runlocal=True)[1].argv[1] == (
+      "--config=configs/cnn.py:runlocal")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("only_a_name\n", ":1: bad line 'only_a_name'"),
+    ("# a comment\nbad/name --config=configs/cnn.py\n", ":2: bad line 'bad/name"),
+    ("a configs/cnn.py\n", ":1: bad line 'a configs/cnn.py'"),
+    ("a --config=configs/cnn.py\na --config=configs/augment.py", ":2: the name a is used twice"),
+    ("a --config=configs/cnn.py --workdir=/tmp/x\n", ":1: drop --workdir"),
+    ("a --config.seed=1\n", ":1: a has no --config=<file>"),
+    ("a --config=configs/cnn.py '--config.seed=1\n", ":1: No closing quotation"),
+    ("# nothing but a comment\n\n", ": no runs in it"),
+])
+def test_a_plan_it_cannot_use_is_refused_naming_the_line(tmp_path, capsys, text, expected):
+  plan = tmp_path / "plan.txt"
+  plan.write_text(text)
+  assert run_study.main(["--root", str(tmp_path / "r"), "--plan", str(plan)]) == 2
+  err = capsys.readouterr().err
+  assert f"{plan}{expected}" in err, err
+  assert not (tmp_path / "r").exists()
+  assert run_study.main(["--root", str(tmp_path), "--plan", str(tmp_path / "nope.txt")]) == 2
+  assert "nope.txt: cannot read the plan: No such file" in capsys.readouterr().err
+
+
+def test_a_plan_runs_and_is_collected_with_the_machine_given(tmp_path):
+  plan, root, results = tmp_path / "plan.txt", tmp_path / "gpu", tmp_path / "collected"
+  plan.write_text("tiny_s3 --config=configs/cnn.py --config.seed=3 --config.train.num_epochs=1\n")
+  assert run_study.main(["--root", str(root), "--plan", str(plan), "--runlocal", "--results",
+                         str(results), "--machine=a GPU box"]) == 0
+  info = json.loads((results / "tiny_s3" / "run.json").read_text())
+  assert info == {"command": f"python -m fer.main --config=configs/cnn.py:runlocal "
+                             f"--config.seed=3 --config.train.num_epochs=1 "
+                             f"--workdir={root / 'tiny_s3'}",
+                  "machine": "a GPU box", "devices": "1 x cpu"}
+  assert json.loads((results / "tiny_s3" / "config.json").read_text())["seed"] == 3
+
+
+def test_the_deadline_stops_the_runs_in_flight_and_starts_no_more(tmp_path, monkeypatch, capsys):
+  root = tmp_path / "study"
+  (tmp_path / "fake_experiment.py").write_text(_FAKE)
+  monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+  monkeypatch.setattr(run_study, "experiments", lambda *a, **k: [
+      run_study.Experiment(n, ("fake_experiment", str(root / n), "ok", "60"), collect=False)
+      for n in ("a", "b", "c")])
+  t0 = time.monotonic()
+  assert run_study.main(["--root", str(root), "--parallel=2", "--deadline_s=3",
+                         "--grace_s=5"]) == 124
+  assert time.monotonic() - t0 < 30  # not the fakes' 60 s
+  out = capsys.readouterr().out
+  assert "the deadline (--deadline_s=3) has come; stopping a, b; not started: c" in out, out
+  assert "a: stopped after" in out and "b: stopped after" in out
+  for name in ("a", "b"):
+    with pytest.raises(ProcessLookupError):
+      os.kill(int((root / f"{name}.pid").read_text()), 0)
+  assert not (root / "c.pid").exists()
