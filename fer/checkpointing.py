@@ -94,7 +94,7 @@ class WorkdirLock:
 #   kill_in_save:E      while saving last/E: its files are written, the step is not finalized
 #   kill_after_save:E   right after last/E is finalized, before anything else is written
 #   term_after_chunk:N  SIGTERM (not SIGKILL) after the N-th train chunk: the run saves the
-#                       epoch it is in and stops (fer.train._stop_on_sigterm)
+#                       epoch it is in and stops (fer.train.stop_on_sigterm)
 
 _fault_counts = {}
 

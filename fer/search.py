@@ -417,42 +417,46 @@ def _train_group_epochs(c0, model, tx, mesh, state, meta, data, ckpts, workdir, 
       train_step=make_group_step(model, tx, c0, class_weights))
   predict = make_group_predict(model)
   epoch = meta["epoch"]
-  while epoch < num_epochs and not all(meta["diverged"]):
-    t0 = time.perf_counter()
-    perm = epoch_perm(epoch)
-    state, sums = run_epoch(state, images, labels, perm)
-    loss = np.asarray(sum(m["loss"] for m in sums)) / steps_per_epoch
-    acc = np.asarray(sum(m["correct"] for m in sums)) / (steps_per_epoch * batch_size)
-    train_time = time.perf_counter() - t0
-    variables = train.eval_variables(state)
-    probs = train.predict_probs(predict, variables, data["val"]["image"],
-                                c0.input.eval_batch_size, mesh)
-    epoch += 1
-    meta["epoch"] = epoch
-    meta["train_seconds"] += train_time
-    finite = _finite_members(state)
-    for g in range(size):
-      val = metrics_lib.classification_metrics(probs[:, g], data["val"]["label"], "val")
-      row = {"epoch": epoch, "step": epoch * steps_per_epoch, "train/loss": float(loss[g]),
-             "train/accuracy": float(acc[g]), "val/loss": val["val/loss"],
-             "val/accuracy": val["val/accuracy"],
-             "train/images_per_second": steps_per_epoch * batch_size / train_time,
-             "epoch_seconds": time.perf_counter() - t0}
-      meta["history"][g].append(row)
-      if not (finite[g] and math.isfinite(loss[g]) and math.isfinite(val["val/loss"])):
-        meta["diverged"][g] = meta["diverged"][g] or (
-            f"Training diverged: the loss is {loss[g]} in epoch {epoch}")
-      elif meta["best"][g] is None or val["val/accuracy"] > meta["best"][g]["val/accuracy"]:
-        meta["best"][g] = {"epoch": epoch, "val/accuracy": val["val/accuracy"],
-                           "val/loss": val["val/loss"]}
-    # A diverged member is failed for good; zeroing its state keeps the checkpoint finite.
-    state = _zero_members(state, np.array([d is not None for d in meta["diverged"]]))
-    ckpts.save_last(epoch, state, _json_safe(meta))
-    accs = " ".join(f"{r[-1]['val/accuracy']:.3f}" for r in meta["history"])
-    print(f"group {workdir.name} ({size} trials) epoch {epoch}/{num_epochs} | "
-          f"{size * steps_per_epoch * batch_size / train_time:,.0f} trial-img/s | "
-          f"val acc {accs} | {train.format_duration(time.perf_counter() - t0)}",
-          flush=True)
+  with train.stop_on_sigterm() as stop_asked:
+    while epoch < num_epochs and not all(meta["diverged"]):
+      t0 = time.perf_counter()
+      perm = epoch_perm(epoch)
+      state, sums = run_epoch(state, images, labels, perm)
+      loss = np.asarray(sum(m["loss"] for m in sums)) / steps_per_epoch
+      acc = np.asarray(sum(m["correct"] for m in sums)) / (steps_per_epoch * batch_size)
+      train_time = time.perf_counter() - t0
+      variables = train.eval_variables(state)
+      probs = train.predict_probs(predict, variables, data["val"]["image"],
+                                  c0.input.eval_batch_size, mesh)
+      epoch += 1
+      meta["epoch"] = epoch
+      meta["train_seconds"] += train_time
+      finite = _finite_members(state)
+      for g in range(size):
+        val = metrics_lib.classification_metrics(probs[:, g], data["val"]["label"], "val")
+        row = {"epoch": epoch, "step": epoch * steps_per_epoch, "train/loss": float(loss[g]),
+               "train/accuracy": float(acc[g]), "val/loss": val["val/loss"],
+               "val/accuracy": val["val/accuracy"],
+               "train/images_per_second": steps_per_epoch * batch_size / train_time,
+               "epoch_seconds": time.perf_counter() - t0}
+        meta["history"][g].append(row)
+        if not (finite[g] and math.isfinite(loss[g]) and math.isfinite(val["val/loss"])):
+          meta["diverged"][g] = meta["diverged"][g] or (
+              f"Training diverged: the loss is {loss[g]} in epoch {epoch}")
+        elif meta["best"][g] is None or val["val/accuracy"] > meta["best"][g]["val/accuracy"]:
+          meta["best"][g] = {"epoch": epoch, "val/accuracy": val["val/accuracy"],
+                             "val/loss": val["val/loss"]}
+      # A diverged member is failed for good; zeroing its state keeps the checkpoint finite.
+      state = _zero_members(state, np.array([d is not None for d in meta["diverged"]]))
+      ckpts.save_last(epoch, state, _json_safe(meta))
+      accs = " ".join(f"{r[-1]['val/accuracy']:.3f}" for r in meta["history"])
+      print(f"group {workdir.name} ({size} trials) epoch {epoch}/{num_epochs} | "
+            f"{size * steps_per_epoch * batch_size / train_time:,.0f} trial-img/s | "
+            f"val acc {accs} | {train.format_duration(time.perf_counter() - t0)}",
+            flush=True)
+      if stop_asked() and epoch < num_epochs:  # saved above, as every epoch
+        raise train.Stopped(f"stopped by SIGTERM after epoch {epoch}/{num_epochs} of group "
+                            f"{workdir}: the same command resumes it")
 
 
 @jax.jit

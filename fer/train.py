@@ -430,7 +430,7 @@ def load_data(config, workdir):
 
 
 @contextlib.contextmanager
-def _stop_on_sigterm():
+def stop_on_sigterm():
   """SIGTERM (a scheduler's preemption notice, `timeout`, run_study's deadline) asks the loop
   to stop after the epoch in progress, saved; a second SIGTERM ends the process at once. Yields
   a function saying whether a stop was asked, agreed by all processes of a multi-process run
@@ -631,7 +631,7 @@ def _train_and_evaluate(config, workdir, data=None):
     epoch = meta["epoch"]
     epoch_walls = []
     every, pending_best = config.checkpoint.every_epochs, None
-    with _stop_on_sigterm() as stop_asked:
+    with stop_on_sigterm() as stop_asked:
       while epoch < num_epochs and not meta["stopped_early"]:
         t0 = time.perf_counter()
         perm = epoch_perm(epoch)

@@ -194,7 +194,7 @@ def test_a_second_sigterm_reaches_the_handler_from_before():
   outer = []
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: outer.append(signum))
   try:
-    with train._stop_on_sigterm() as stop_asked:
+    with train.stop_on_sigterm() as stop_asked:
       assert not stop_asked()
       os.kill(os.getpid(), signal.SIGTERM)  # remembered: the loop stops after its epoch
       assert stop_asked() and not outer

@@ -84,6 +84,16 @@ def test_runs_collects_and_then_skips_a_complete_run(tmp_path, capsys):
   assert run_study.main(args) == 0
   assert "cnn_standard_s0: complete" in capsys.readouterr().out
   assert finished.stat().st_mtime_ns == stamp
+  # The same run in a plan: complete, so collected again, with the plan's command and machine.
+  plan = tmp_path / "plan.txt"
+  plan.write_text("cnn_standard_s0 --config=configs/cnn.py --config.seed=0\n")
+  assert run_study.main(["--root", str(root), "--plan", str(plan), "--runlocal", "--results",
+                         str(results), "--machine=a GPU box"]) == 0
+  assert finished.stat().st_mtime_ns == stamp
+  info = json.loads((results / "cnn_standard_s0" / "run.json").read_text())
+  assert info == {"command": f"python -m fer.main --config=configs/cnn.py:runlocal "
+                             f"--config.seed=0 --workdir={root / 'cnn_standard_s0'}",
+                  "machine": "a GPU box", "devices": "1 x cpu"}
 
 
 def test_an_unknown_selection_is_an_error(tmp_path, capsys):
@@ -216,19 +226,6 @@ def test_a_plan_it_cannot_use_is_refused_naming_the_line(tmp_path, capsys, text,
   assert not (tmp_path / "r").exists()
   assert run_study.main(["--root", str(tmp_path), "--plan", str(tmp_path / "nope.txt")]) == 2
   assert "nope.txt: cannot read the plan: No such file" in capsys.readouterr().err
-
-
-def test_a_plan_runs_and_is_collected_with_the_machine_given(tmp_path):
-  plan, root, results = tmp_path / "plan.txt", tmp_path / "gpu", tmp_path / "collected"
-  plan.write_text("tiny_s3 --config=configs/cnn.py --config.seed=3 --config.train.num_epochs=1\n")
-  assert run_study.main(["--root", str(root), "--plan", str(plan), "--runlocal", "--results",
-                         str(results), "--machine=a GPU box"]) == 0
-  info = json.loads((results / "tiny_s3" / "run.json").read_text())
-  assert info == {"command": f"python -m fer.main --config=configs/cnn.py:runlocal "
-                             f"--config.seed=3 --config.train.num_epochs=1 "
-                             f"--workdir={root / 'tiny_s3'}",
-                  "machine": "a GPU box", "devices": "1 x cpu"}
-  assert json.loads((results / "tiny_s3" / "config.json").read_text())["seed"] == 3
 
 
 def test_the_deadline_stops_the_runs_in_flight_and_starts_no_more(tmp_path, monkeypatch, capsys):

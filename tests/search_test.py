@@ -3,7 +3,9 @@ failed trials, and vmapped groups matching separately trained trials (tiny synth
 
 import importlib.util
 import json
+import os
 import pathlib
+import signal
 
 import jax
 import numpy as np
@@ -234,6 +236,31 @@ def test_vmapped_group_matches_separately_trained_trials(tmp_path):
       np.testing.assert_allclose(b[0], a, rtol=1e-4, atol=1e-5)
   assert group[1]["val/loss"] != group[0]["val/loss"]  # the other member trained otherwise
   assert group[1]["history"][0]["train/loss"] != group[0]["history"][0]["train/loss"]
+
+
+def test_sigterm_stops_a_vmapped_group_after_its_epoch_and_the_rerun_ends_the_same(tmp_path,
+                                                                                   monkeypatch):
+  base = search.trial_base(tiny_search())
+  base.train.num_epochs = 2
+  configs = [search.apply_overrides(base, {"optim.learning_rate": lr}) for lr in (3e-3, 1e-3)]
+  data = search.load_search_data(base, tmp_path)
+  whole = search.train_group(configs, tmp_path / "whole", data)
+  finite = search._finite_members  # called once an epoch, after training it
+
+  def signalled(state):
+    os.kill(os.getpid(), signal.SIGTERM)  # in epoch 1 of 2
+    monkeypatch.setattr(search, "_finite_members", finite)
+    return finite(state)
+
+  monkeypatch.setattr(search, "_finite_members", signalled)
+  with pytest.raises(train.Stopped, match="after epoch 1/2 of group"):
+    search.train_group(configs, tmp_path / "stopped", data)
+  again = search.train_group(configs, tmp_path / "stopped", data)
+  timing = ("train_seconds", "train/images_per_second", "epoch_seconds")
+  for a, b in zip(again, whole, strict=True):
+    assert a["epochs_trained"] == 2
+    assert ([{k: v for k, v in r.items() if k not in timing} for r in a["history"]] ==
+            [{k: v for k, v in r.items() if k not in timing} for r in b["history"]])
 
 
 def test_search_configs():
