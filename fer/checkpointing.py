@@ -95,6 +95,7 @@ class WorkdirLock:
 #   kill_after_save:E   right after last/E is finalized, before anything else is written
 #   term_after_chunk:N  SIGTERM (not SIGKILL) after the N-th train chunk: the run saves the
 #                       epoch it is in and stops (fer.train.stop_on_sigterm)
+#   int_after_chunk:N   SIGINT (Ctrl-C) after the N-th train chunk
 
 _fault_counts = {}
 
@@ -112,15 +113,16 @@ def _kill(where):
 
 def fault_point(name, value=None):
   """Test hook: SIGKILLs this process at `kill_after_<name>:N` (N-th call, or value == N), or
-  sends it SIGTERM at `term_after_<name>:N`."""
+  sends it SIGTERM or SIGINT at `term_after_<name>:N` or `int_after_<name>:N`."""
   kind, n = _fault()
-  if kind not in (f"kill_after_{name}", f"term_after_{name}"):
+  signals = {f"term_after_{name}": signal.SIGTERM, f"int_after_{name}": signal.SIGINT}
+  if kind not in (f"kill_after_{name}", *signals):
     return
   _fault_counts[name] = _fault_counts.get(name, 0) + 1
   if n == (_fault_counts[name] if value is None else value):
-    if kind.startswith("term"):
-      print(f"FER_FAULT: SIGTERM after {name} {n}", flush=True)
-      os.kill(os.getpid(), signal.SIGTERM)
+    if kind in signals:
+      print(f"FER_FAULT: {signals[kind].name} after {name} {n}", flush=True)
+      os.kill(os.getpid(), signals[kind])
     else:
       _kill(f"after {name} {n}")
 

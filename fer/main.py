@@ -87,7 +87,12 @@ def main(argv):
     if type(e).__module__ == "fer.train":  # train.Stopped: on SIGTERM, after saving its epoch
       print(f"fer: {e}", file=sys.stderr, flush=True)
       sys.exit(128 + 15)  # what a shell reports for a process SIGTERM ended
-    raise
+    # Ctrl-C: at once, without a traceback from wherever JAX was.
+    print("fer: interrupted" + (
+        f"; what {_WORKDIR.value} saved stays (checkpoints are written whole or not at all): "
+        "the same command resumes from its last checkpoint." if job in ("train", "search")
+        else "."), file=sys.stderr, flush=True)
+    sys.exit(128 + 2)
   except (ValueError, FloatingPointError, RuntimeError) as e:
     # The project's own errors (invalid config, data, checkpoints, a busy workdir, divergence)
     # say what is wrong and how to fix it; a traceback adds nothing. Others propagate.
