@@ -1,11 +1,9 @@
 """fer.distill: teacher targets from finished runs, and training on them."""
 
 import json
-import pathlib
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import cnn as cnn_config
@@ -15,7 +13,7 @@ from fer import runs
 from fer import train
 
 import trained_run
-from train_test import tiny_config
+from train_test import checkpoint_state, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +29,6 @@ def _teacher_file(path, config, probs_fn, teachers=("teacher",)):
       "teachers": [{"workdir": t} for t in teachers],
       "split_input": {k: config.input.get(k) for k in runs.SPLIT_KEYS}})
   return path
-
-
-def _last_params(workdir):
-  mgr = ocp.CheckpointManager(pathlib.Path(workdir, "checkpoints", "last").absolute())
-  tree = ocp.StandardCheckpointer().restore(
-      pathlib.Path(mgr.directory, str(mgr.latest_step()), "state"))
-  mgr.close()
-  return tree["params"]
 
 
 def test_soften_and_fingerprints():
@@ -142,8 +132,8 @@ def test_one_hot_teacher_trains_exactly_as_the_labels(tmp_path):
   distilled.distill.targets = str(_teacher_file(tmp_path / "t.npz", plain, one_hot))
   results = train.train_and_evaluate(distilled, str(tmp_path / "distilled"))
   assert results["distill_teachers"] == ["teacher"]
-  for x, y in zip(jax.tree.leaves(_last_params(tmp_path / "plain")),
-                  jax.tree.leaves(_last_params(tmp_path / "distilled"))):
+  for x, y in zip(jax.tree.leaves(checkpoint_state(tmp_path / "plain")["params"]),
+                  jax.tree.leaves(checkpoint_state(tmp_path / "distilled")["params"])):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 

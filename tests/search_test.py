@@ -9,7 +9,6 @@ import signal
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import cnn as cnn_config
@@ -18,6 +17,7 @@ from configs import search_space
 from fer import search
 from fer import train
 from fer.models import build_model
+from train_test import checkpoint_state
 
 
 def tiny_search(**overrides):
@@ -42,14 +42,6 @@ def tiny_search(**overrides):
 
 def _rows(workdir):
   return search.read_records(pathlib.Path(workdir) / "trials.jsonl")
-
-
-def _params(checkpoint_dir, field="params"):
-  mgr = ocp.CheckpointManager(pathlib.Path(checkpoint_dir).absolute())
-  tree = ocp.StandardCheckpointer().restore(
-      pathlib.Path(mgr.directory, str(mgr.latest_step()), "state"))
-  mgr.close()
-  return tree[field]
 
 
 # ----------------------------------------------------------------------------- spaces
@@ -230,8 +222,8 @@ def test_vmapped_group_matches_separately_trained_trials(tmp_path):
   np.testing.assert_allclose(group[0]["history"][0]["train/loss"], history[0]["train/loss"],
                              rtol=1e-5)
   for field in ("params", "ema"):
-    stacked = _params(tmp_path / "group" / "checkpoints" / "last", field)
-    mine = _params(tmp_path / "alone" / "checkpoints" / "last", field)
+    stacked = checkpoint_state(tmp_path / "group")[field]
+    mine = checkpoint_state(tmp_path / "alone")[field]
     for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(stacked), strict=True):
       np.testing.assert_allclose(b[0], a, rtol=1e-4, atol=1e-5)
   assert group[1]["val/loss"] != group[0]["val/loss"]  # the other member trained otherwise

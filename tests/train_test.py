@@ -42,7 +42,8 @@ def tiny_config(**overrides):
   return c
 
 
-def _params(workdir, which="last"):
+def checkpoint_state(workdir, which="last"):
+  """The newest checkpoint's state tree in workdir/checkpoints/<which>, read with orbax."""
   mgr = ocp.CheckpointManager(pathlib.Path(workdir, "checkpoints", which).absolute())
   step = mgr.latest_step()
   tree = ocp.StandardCheckpointer().restore(pathlib.Path(mgr.directory, str(step), "state"))
@@ -90,7 +91,7 @@ def test_resume_is_exact_and_completed_run_only_reports(tmp_path, capsys):
   r = train.train_and_evaluate(tiny_config(**same), str(resumed),
                                resume_may_change=("train.num_epochs",))
   assert "Resuming" in capsys.readouterr().out
-  a, b = _params(straight), _params(resumed)
+  a, b = checkpoint_state(straight), checkpoint_state(resumed)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
   assert r == json.loads((straight / "results.json").read_text()) | {
@@ -192,7 +193,7 @@ def test_steps_per_dispatch_does_not_change_training(tmp_path):
   for k in (1, 5):
     train.train_and_evaluate(tiny_config(**{"train.num_epochs": 1,
                                             "train.steps_per_dispatch": k}), str(tmp_path / str(k)))
-    params.append(_params(tmp_path / str(k)))
+    params.append(checkpoint_state(tmp_path / str(k)))
   for x, y in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
