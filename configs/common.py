@@ -43,6 +43,9 @@ def base() -> ml_collections.ConfigDict:
   # elsewhere. gemm_bf16 = the same without Winograd; xla = exact fp32 on CPU.
   c.model.conv_impl = "auto"
   c.model.pool_impl = "reshape"  # xla | reshape: max pool with a cheap gradient, same results
+  # Your own flax module: model.name = "package.module:ClassName" (importable), built with these
+  # keyword arguments (and model.dtype where it has a `dtype` field); configs/mini_xception.py.
+  c.model.kwargs = ml_collections.ConfigDict()
 
   c.augment = ml_collections.ConfigDict()
   c.augment.flip = False

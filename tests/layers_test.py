@@ -228,3 +228,30 @@ def test_batch_norm_gradient_is_the_autodiff_gradient_of_its_formula():
   got = jax.grad(lambda *a: jnp.sum(jnp.sin(ours(*a))), argnums=(0, 1, 2))(x, scale, bias)
   for a, b in zip(got, ref):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, window, strides", [
+    ((2, 44, 44, 3), (3, 3), (2, 2)), ((2, 11, 11, 4), (3, 3), (2, 2)),
+    ((1, 7, 10, 2), (3, 2), (1, 3)), ((2, 6, 6, 5), (2, 2), (2, 2))])
+def test_max_pool_same_and_its_gradient_match_nn_max_pool(shape, window, strides):
+  x = _rand(0, shape)  # random floats: no ties (there the gradient is shared, not the first's)
+  ref = lambda x: nn.max_pool(x, window, strides, padding="SAME")  # pylint: disable=unnecessary-lambda-assignment
+  mine = lambda x: layers.max_pool_same(x, window, strides)  # pylint: disable=unnecessary-lambda-assignment
+  np.testing.assert_array_equal(mine(x), ref(x))
+  g = _rand(1, ref(x).shape)
+  np.testing.assert_array_equal(jax.vjp(mine, x)[1](g)[0], jax.vjp(ref, x)[1](g)[0])
+
+
+@pytest.mark.parametrize("shape, kernel_size", [((2, 9, 9, 8), (3, 3)), ((1, 6, 7, 3), (2, 4))])
+def test_depthwise_conv_matches_grouped_nn_conv(shape, kernel_size):
+  x = _rand(0, shape)
+  mine = layers.DepthwiseConv(kernel_size)
+  ref = nn.Conv(shape[-1], kernel_size, padding="SAME", feature_group_count=shape[-1],
+                use_bias=False)
+  params = mine.init(jax.random.key(2), x)
+  ref_params = ref.init(jax.random.key(2), x)  # the same initialiser and layout
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+  np.testing.assert_allclose(mine.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+  grads = [jax.grad(lambda p, x, m=m: (m.apply(p, x) ** 2).sum(), argnums=(0, 1))(params, x)
+           for m in (mine, ref)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *grads)

@@ -45,6 +45,13 @@ the output gradient goes to the first maximum of each window in row-major order,
 tie rule of nn.max_pool's select-and-scatter, so gradients match nn.max_pool exactly. XLA:CPU
 lowers select-and-scatter to iota, reduce-window and scatter; this version is a few fused
 elementwise ops and is the largest single win of the study.
+
+`DepthwiseConv` (nn.Conv with feature_group_count = channels: same `kernel` [kh, kw, 1, C] and
+initialiser) and `max_pool_same` (nn.max_pool of any window and stride with SAME padding) are
+the same functions as kh*kw shifted multiply-adds and a maximum of strided slices: on XLA:CPU
+(jax 0.10) the grouped convolution and the select-and-scatter gradient take 7-15x and 1-5x as
+long, forward and backward (batch 64, 3x3 depthwise at 44x44x16: 115 against 8 ms; 3x3/2 pool:
+47 against 9 ms). For separable-convolution networks such as configs/mini_xception.py.
 """
 
 import functools
@@ -333,6 +340,42 @@ def _max_pool_bwd(x, g):
 
 
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool_same(x: jax.Array, window: Sequence[int] = (3, 3),
+                  strides: Sequence[int] = (2, 2)) -> jax.Array:
+  """nn.max_pool(x, window, strides, padding="SAME") for NHWC x, as the maximum of the
+  window's strided slices of the -inf-padded input (gradients: elementwise selects; a tie
+  shares the gradient where select-and-scatter gives it to the first maximum)."""
+  (h, w), (sh, sw) = x.shape[1:3], strides
+  pads = lax.padtype_to_pads((h, w), tuple(window), tuple(strides), "SAME")
+  x = jnp.pad(x, [(0, 0), *pads, (0, 0)], constant_values=-jnp.inf)
+  oh, ow = -(-h // sh), -(-w // sw)
+  out = None
+  for i in range(window[0]):
+    for j in range(window[1]):
+      tap = lax.slice(x, (0, i, j, 0), (x.shape[0], i + sh * (oh - 1) + 1,
+                                        j + sw * (ow - 1) + 1, x.shape[3]), (1, sh, sw, 1))
+      out = tap if out is None else jnp.maximum(out, tap)
+  return out
+
+
+class DepthwiseConv(nn.Module):
+  """nn.Conv(C, kernel_size, padding="SAME", feature_group_count=C, use_bias=False) on C input
+  channels (the same `kernel` parameter), as kh*kw shifted multiply-adds."""
+  kernel_size: Sequence[int] = (3, 3)
+  dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x):
+    kh, kw = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (kh, kw, 1, x.shape[-1]), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    h, w = x.shape[1:3]
+    x = jnp.pad(x, [(0, 0), *_same_padding(self.kernel_size), (0, 0)])
+    return sum(x[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
+               for i in range(kh) for j in range(kw))
 
 
 def max_pool(x: jax.Array, impl: str = "reshape", relu: bool = False) -> jax.Array:
