@@ -49,9 +49,10 @@ elementwise ops and is the largest single win of the study.
 `DepthwiseConv` (nn.Conv with feature_group_count = channels: same `kernel` [kh, kw, 1, C] and
 initialiser) and `max_pool_same` (nn.max_pool of any window and stride with SAME padding) are
 the same functions as kh*kw shifted multiply-adds and a maximum of strided slices: on XLA:CPU
-(jax 0.10) the grouped convolution and the select-and-scatter gradient take 7-15x and 1-5x as
-long, forward and backward (batch 64, 3x3 depthwise at 44x44x16: 115 against 8 ms; 3x3/2 pool:
-47 against 9 ms). For separable-convolution networks such as configs/mini_xception.py.
+(jax 0.10) forward + gradient of the grouped convolution take 3-15x as long, and nn.max_pool's
+(select-and-scatter) 4-5x from 16 channels up (0.8x at 8), batch 64 at mini-Xception's sizes
+(3x3 depthwise at 44x44x16: 118 against 14 ms; experiments/results/benchmark_depthwise.md).
+For separable-convolution networks such as configs/mini_xception.py.
 """
 
 import functools
