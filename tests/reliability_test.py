@@ -19,12 +19,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from fer import checkpointing
 from fer import train
-from train_test import tiny_config
+from train_test import checkpoint_state, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config=configs/cnn.py:runlocal", "--config.model.conv_features=(8,16)",
@@ -60,11 +59,6 @@ def steps(workdir, which="last"):
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
-def state_tree(workdir, which="last"):
-  path = pathlib.Path(workdir, "checkpoints", which, str(steps(workdir, which)[-1]), "state")
-  return ocp.StandardCheckpointer().restore(path.absolute())
-
-
 def history(workdir):
   rows = [json.loads(l) for l in pathlib.Path(workdir, "metrics.jsonl").read_text().splitlines()]
   return [{k: v for k, v in row.items() if k not in VOLATILE} for row in rows]
@@ -86,8 +80,8 @@ def assert_same_run(workdir, reference):
   """The same checkpoints (every array bit for bit), metrics history and results."""
   for which in ("last", "best"):
     assert steps(workdir, which) == steps(reference, which), which
-    jax.tree.map(np.testing.assert_array_equal, state_tree(workdir, which),
-                 state_tree(reference, which))
+    jax.tree.map(np.testing.assert_array_equal, checkpoint_state(workdir, which),
+                 checkpoint_state(reference, which))
   assert history(workdir) == history(reference)
   assert results(workdir) == results(reference)
 
@@ -165,9 +159,9 @@ def test_saving_every_two_epochs_ends_like_saving_every_epoch_even_when_killed(t
   for workdir in (whole, killed):
     assert steps(workdir) == [2, 3]  # every second epoch and the last one
     assert steps(workdir, "best")[-1] == best  # saved late, but the same epoch's state
-    jax.tree.map(np.testing.assert_array_equal, state_tree(workdir, "best"),
-                 state_tree(reference, "best"))
-    jax.tree.map(np.testing.assert_array_equal, state_tree(workdir), state_tree(reference))
+    jax.tree.map(np.testing.assert_array_equal, checkpoint_state(workdir, "best"),
+                 checkpoint_state(reference, "best"))
+    jax.tree.map(np.testing.assert_array_equal, checkpoint_state(workdir), checkpoint_state(reference))
     assert history(workdir) == history(reference)
     assert results(workdir) == results(reference)
 
@@ -183,9 +177,9 @@ def test_sigterm_saves_the_epoch_in_progress_and_the_rerun_ends_the_same(tmp_pat
   assert "Traceback" not in proc.stderr and steps(workdir) == [1] and len(history(workdir)) == 1
   assert "Resuming" in _ok(run_main(workdir, every)).stdout
   assert steps(workdir) == [1, 3]
-  jax.tree.map(np.testing.assert_array_equal, state_tree(workdir), state_tree(reference))
-  jax.tree.map(np.testing.assert_array_equal, state_tree(workdir, "best"),
-               state_tree(reference, "best"))
+  jax.tree.map(np.testing.assert_array_equal, checkpoint_state(workdir), checkpoint_state(reference))
+  jax.tree.map(np.testing.assert_array_equal, checkpoint_state(workdir, "best"),
+               checkpoint_state(reference, "best"))
   assert history(workdir) == history(reference)
   assert results(workdir) == results(reference)
 
@@ -225,7 +219,7 @@ def test_a_best_epoch_waiting_for_the_next_save_is_kept_intact(tmp_path):
   _ok(run_main(every, *flags, "--config.checkpoint.every_epochs=3"))
   _ok(run_main(each, *flags))
   assert steps(every, "best") == steps(each, "best") == [1] and steps(every) == [3]
-  jax.tree.map(np.testing.assert_array_equal, state_tree(every, "best"), state_tree(each, "best"))
+  jax.tree.map(np.testing.assert_array_equal, checkpoint_state(every, "best"), checkpoint_state(each, "best"))
   assert results(every) == results(each)
 
 

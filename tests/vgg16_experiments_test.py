@@ -5,12 +5,9 @@ data: a VGG16 forward pass costs ~0.3 GFLOP per 48x48 image, so the runs see a f
 images at most and the end-to-end ones train a single epoch.
 """
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import vgg16_cached
@@ -22,6 +19,7 @@ from fer import train
 from fer.datasets import synthetic
 from fer.models import build_model
 from fer.models import vgg16
+from train_test import checkpoint_state
 
 
 def _config(module, **overrides):
@@ -31,15 +29,6 @@ def _config(module, **overrides):
     *group, name = key.split(".")
     (c[group[0]] if group else c)[name] = value
   return c
-
-
-def _best(workdir):
-  """The raw state tree (params, opt_state, ...) of a run's best checkpoint."""
-  mgr = ocp.CheckpointManager(pathlib.Path(workdir, "checkpoints", "best").absolute())
-  step = mgr.latest_step()
-  tree = ocp.StandardCheckpointer().restore(pathlib.Path(mgr.directory, str(step), "state"))
-  mgr.close()
-  return tree
 
 
 def _size(tree) -> int:
@@ -136,7 +125,7 @@ def test_cache_key_changes_with_what_changes_the_features(key, value):
 
 def test_frozen_base_is_bit_identical_and_has_no_optimizer_state(frozen_run):
   config, workdir, results = frozen_run
-  best = _best(workdir)
+  best = checkpoint_state(workdir, "best")
   assert results["epochs_trained"] == 1 and int(best["step"]) == 2
   # The seeded init of fer.features.base_params is the one the run started from.
   _assert_trees_equal(_blocks(best["params"]), features.base_params(config))
@@ -151,13 +140,13 @@ def test_frozen_base_is_bit_identical_and_has_no_optimizer_state(frozen_run):
 
 def test_finetune_starts_from_frozen_run_and_changes_only_block5_and_head(frozen_run, tmp_path):
   _, frozen_dir, _ = frozen_run
-  frozen = _best(frozen_dir)["params"]
+  frozen = checkpoint_state(frozen_dir, "best")["params"]
   # seed 1: a fresh init would differ from the frozen run's base (seed 0) everywhere.
   config = _config(vgg16_finetune, **E2E)
   config.seed = 1
   config.init_from = str(frozen_dir)
   train.train_and_evaluate(config, str(tmp_path))
-  best = _best(tmp_path)
+  best = checkpoint_state(tmp_path, "best")
   params = best["params"]
   for name in vgg16.CONV_NAMES:
     if name.startswith("block5"):
