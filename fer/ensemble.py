@@ -12,9 +12,14 @@ test figure stays the one it reported). The members must be
 trained on the same splits (same data protocol); the ensemble is scored against that protocol's
 labels. Which runs to ensemble is a choice to make on val accuracy; test is only reported.
 
+`--select=greedy` makes that choice: ensemble selection (Caruana et al. 2004) on val. From the
+candidate runs it adds, one round at a time and with replacement, the run whose addition gives
+the best val accuracy (ties: the lower val NLL), and keeps the rounds' best ensemble by val; a
+run picked k times weighs k. Test plays no part in the choice.
+
 Writes into --out: results.json (val/test accuracy, macro-F1, per-class accuracy and confusion
-matrix, as a training run does, plus each member's own accuracies and how often two members
-predict the same class, `<split>/member_agreement`, and calibration: `<split>/ece`, the
+matrix, as a training run does, plus each member's own accuracies and weight (with --select,
+candidates left out weigh 0) and how often two members predict the same class, `<split>/member_agreement`, and calibration: `<split>/ece`, the
 `temperature` fit on val and test's ECE and NLL after it), config.json (the first member's
 config and the member list), val_probs.npy, test_probs.npy, confusion_matrix.png and
 reliability.png.
@@ -76,8 +81,35 @@ def _member_probs(workdir: pathlib.Path, results: dict, tta: str, data, mesh) ->
           for s in SPLITS}, tta
 
 
-def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
-  """Averages the members' probabilities; writes and returns the ensemble's results."""
+SELECT_MODES = ("none", "greedy")
+
+
+def greedy_selection(val_probs, labels, rounds: int) -> np.ndarray:
+  """Ensemble selection with replacement (Caruana et al. 2004) on val probabilities [M, N, K]:
+  each round adds the member whose addition gives the best val accuracy (ties: lower val NLL,
+  then the earlier member); returns each member's count [M] in the best round's ensemble (ties:
+  lower NLL, then the earlier round, so the smaller ensemble)."""
+  probs = np.asarray(val_probs, np.float64)
+  labels = np.asarray(labels)
+  total = np.zeros(probs.shape[1:])
+  counts = np.zeros(len(probs), np.int64)
+  best, best_counts = None, counts
+  for r in range(1, rounds + 1):
+    candidates = (total + probs) / r
+    accuracy = (candidates.argmax(-1) == labels).mean(-1)
+    nll = -np.log(np.maximum(candidates[:, np.arange(len(labels)), labels], 1e-12)).mean(-1)
+    pick = min(range(len(probs)), key=lambda m: (-accuracy[m], nll[m]))
+    total += probs[pick]
+    counts[pick] += 1
+    if best is None or (accuracy[pick], -nll[pick]) > best:
+      best, best_counts = (accuracy[pick], -nll[pick]), counts.copy()
+  return best_counts
+
+
+def ensemble(workdirs, out, tta: str = "", data=None, select: str = "none",
+             rounds: int = 50) -> dict:
+  """Averages the members' probabilities (weighted by `select`'s choice on val); writes and
+  returns the ensemble's results."""
   from fer import input_pipeline  # pylint: disable=import-outside-toplevel
   from fer import plots  # pylint: disable=import-outside-toplevel
   workdirs = [pathlib.Path(w) for w in workdirs]
@@ -86,6 +118,11 @@ def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
                         f"re-evaluates its best checkpoint), got {len(workdirs)}")
   if tta not in ("", *train.TTA_MODES):
     raise EnsembleError(f"--tta={tta!r}: expected none, flip or tencrop (or empty: the runs' own)")
+  if select not in SELECT_MODES:
+    raise EnsembleError(f"--select={select!r}: expected none (all runs, equal weights) or greedy")
+  if select == "greedy" and (len(workdirs) < 2 or rounds < 1):
+    raise EnsembleError(f"--select=greedy chooses among at least two runs in at least one round, "
+                        f"got {len(workdirs)} runs and --rounds={rounds}")
   resolved = [w.resolve() for w in workdirs]
   twice = sorted({str(w) for w, r in zip(workdirs, resolved) if resolved.count(r) > 1})
   if twice:
@@ -116,10 +153,21 @@ def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
     print(f"{workdir}: val/accuracy {entry['val/accuracy']:.4f}, test/accuracy "
           f"{entry['test/accuracy']:.4f} ({train.tta_words(member_tta)})", flush=True)
 
+  weights = (greedy_selection(probs["val"], data["val"]["label"], rounds) if select == "greedy"
+             else np.ones(len(workdirs), np.int64))
+  for entry, weight in zip(members, weights):
+    entry["weight"] = int(weight)
+  kept = np.flatnonzero(weights)
+  if select == "greedy":
+    print(f"Chosen on val ({rounds} rounds): " + ", ".join(
+        f"{workdirs[i]} x{weights[i]}" for i in kept), flush=True)
+  probs = {s: [probs[s][i] for i in kept] for s in SPLITS}
+  chosen = [member_results[i] for i in kept]
+
   out.mkdir(parents=True, exist_ok=True)
   split_metrics, means = {}, {}
   for s in SPLITS:
-    mean = means[s] = np.mean(probs[s], axis=0).astype(np.float32)
+    mean = means[s] = np.average(probs[s], axis=0, weights=weights[kept]).astype(np.float32)
     fileio.save_npy_atomic(out / f"{s}_probs.npy", mean)
     split_metrics.update(metrics_lib.classification_metrics(mean, data[s]["label"], s))
     # How often two members predict the same class (mean over pairs): near 1, little to gain.
@@ -130,19 +178,21 @@ def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
   results = {
       "val/accuracy": split_metrics["val/accuracy"],
       "test/accuracy": split_metrics["test/accuracy"],
-      "ensemble_size": len(workdirs),
+      "ensemble_size": len(kept),
+      "selection": select,
       "members": members,
-      "num_params": int(sum(r["num_params"] for r in member_results)),
+      # What prediction needs (the chosen members); training took every candidate.
+      "num_params": int(sum(r["num_params"] for r in chosen)),
       "train_seconds": float(sum(r["train_seconds"] for r in member_results)),
-      "epochs_trained": max(r["epochs_trained"] for r in member_results),
-      "best_epoch": "/".join(str(r["best_epoch"]) for r in member_results),
-      "tta": "/".join(sorted({m["tta"] for m in members})),
+      "epochs_trained": max(r["epochs_trained"] for r in chosen),
+      "best_epoch": "/".join(str(r["best_epoch"]) for r in chosen),
+      "tta": "/".join(sorted({members[i]["tta"] for i in kept})),
       "classes": list(CLASSES),
       # What trained the members (the ensemble itself only averages); members from several
       # kinds of machine list each kind.
-      "device_kind": " / ".join(sorted({r.get("device_kind", "?") for r in member_results})),
-      "device_count": max(r.get("device_count", 1) for r in member_results),
-      "platform": " / ".join(sorted({r.get("platform", "?") for r in member_results})),
+      "device_kind": " / ".join(sorted({r.get("device_kind", "?") for r in chosen})),
+      "device_count": max(r.get("device_count", 1) for r in chosen),
+      "platform": " / ".join(sorted({r.get("platform", "?") for r in chosen})),
       "git_commit": train.git_commit(),
       **split_metrics,
       **metrics_lib.calibration(means["val"], data["val"]["label"], means["test"],
@@ -151,21 +201,24 @@ def ensemble(workdirs, out, tta: str = "", data=None) -> dict:
   if "train_copy" in data["test"]:
     results.update(metrics_lib.copy_metrics(means["test"], data["test"]["label"],
                                             data["test"]["train_copy"]))
-  config = dict(configs[0], ensemble_members=[str(w) for w in workdirs])
+  config = dict(configs[0], ensemble_members=[str(workdirs[i]) for i in kept])
+  if select != "none":
+    config.update(ensemble_weights=[int(weights[i]) for i in kept],
+                  ensemble_candidates=[str(w) for w in workdirs], ensemble_rounds=rounds)
   fileio.write_json_atomic(out / "config.json", config)
   fileio.write_json_atomic(out / "results.json", results)
   plots.reliability_diagram(
       {"test": metrics_lib.reliability_curves(means["test"], data["test"]["label"],
                                               results["temperature"])},
-      out / "reliability.png", title=f"ensemble of {len(workdirs)}: test reliability")
+      out / "reliability.png", title=f"ensemble of {len(kept)}: test reliability")
   plots.confusion_matrix(np.array(results["test/confusion_matrix"]), CLASSES,
                          out / "confusion_matrix.png",
-                         title=f"ensemble of {len(workdirs)}: test accuracy "
+                         title=f"ensemble of {len(kept)}: test accuracy "
                                f"{results['test/accuracy']:.3f}")
   dropped = configs[0].get("input", {}).get("drop_train_copies", False)
   agreement = (f"; the members agree on {results['val/member_agreement']:.1%} of val images "
-               f"(mean over pairs)" if len(workdirs) > 1 else "")
-  print(f"Ensemble of {len(workdirs)}: val/accuracy {results['val/accuracy']:.4f}, test/accuracy "
+               f"(mean over pairs)" if len(kept) > 1 else "")
+  print(f"Ensemble of {len(kept)}: val/accuracy {results['val/accuracy']:.4f}, test/accuracy "
         f"{results['test/accuracy']:.4f}, test/macro_f1 {results['test/macro_f1']:.4f}, test/ece "
         f"{results['test/ece']:.3f} (after temperature {results['temperature']:.2f} fit on val: "
         f"{results['test/ece_calibrated']:.3f}){agreement}."
@@ -177,6 +230,10 @@ _WORKDIRS = flags.DEFINE_list("workdirs", None, "Finished run workdirs to ensemb
 _OUT = flags.DEFINE_string("out", None, "Directory for the ensemble's results.")
 _TTA = flags.DEFINE_string("tta", "", "none | flip | tencrop: re-evaluate the best checkpoints "
                            "with this TTA; empty: use the probabilities the runs saved.")
+_SELECT = flags.DEFINE_enum("select", "none", SELECT_MODES,
+                           "none: all runs, equal weights; greedy: choose runs and weights on val "
+                           "(ensemble selection with replacement).")
+_ROUNDS = flags.DEFINE_integer("rounds", 50, "--select=greedy: how many runs to add at most.")
 
 
 def main(argv):
@@ -184,7 +241,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.ERROR)  # orbax's notes on read-only managers are noise here
   try:
-    ensemble(_WORKDIRS.value, _OUT.value, _TTA.value)
+    ensemble(_WORKDIRS.value, _OUT.value, _TTA.value, select=_SELECT.value,
+             rounds=_ROUNDS.value)
   except (ValueError, RuntimeError) as e:
     # This module runs as __main__ here, so its own errors are named apart from fer.*'s.
     if isinstance(e, EnsembleError) or type(e).__module__.startswith("fer."):

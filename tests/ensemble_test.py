@@ -72,6 +72,49 @@ def test_ensemble_averages_the_members_probabilities(run_dir, data, tmp_path):
   assert on_disk["device_kind"] == "cpu"
 
 
+def test_greedy_selection_adds_what_helps_val_most():
+  """Three val images of class 0, two classes: A and B are right on two images each, their
+  average on all three; C is wrong everywhere. A wins round 1 on NLL (tie on accuracy)."""
+  labels = np.zeros(3, np.int64)
+  p0 = np.array([[0.9, 0.9, 0.4], [0.4, 0.7, 0.9], [0.45, 0.45, 0.45]])
+  probs = np.stack([p0, 1 - p0], axis=-1)  # [members, images, classes]
+  assert ensemble.greedy_selection(probs, labels, rounds=1).tolist() == [1, 0, 0]
+  assert ensemble.greedy_selection(probs, labels, rounds=2).tolist() == [1, 1, 0]
+  # Round 3 adds A again (all right, lower NLL than A+B): more rounds keep it; C never helps.
+  assert ensemble.greedy_selection(probs, labels, rounds=3).tolist() == [2, 1, 0]
+  many = ensemble.greedy_selection(probs, labels, rounds=20)
+  assert many[2] == 0 and many[0] > 0 and many[1] > 0
+
+
+def test_select_greedy_weights_the_runs_it_picks_on_val_only(run_dir, data, tmp_path):
+  """A run sure of a wrong class on every image is never picked; the test split plays no part
+  (other test probabilities, the same weights); the ensemble is the weighted average."""
+  a, b = _member(run_dir, tmp_path, "a"), _member(run_dir, tmp_path, "b", shift=0.5)
+  wrong = _member(run_dir, tmp_path, "wrong")
+  for split in ("val", "test"):
+    np.save(wrong / f"{split}_probs.npy",
+            np.eye(7, dtype=np.float32)[(data[split]["label"] + 1) % 7])
+  results = ensemble.ensemble([a, wrong, b], tmp_path / "ens", data=data, select="greedy",
+                              rounds=6)
+  weights = [m["weight"] for m in results["members"]]
+  assert weights[1] == 0 and sum(weights) <= 6 and results["ensemble_size"] == 3 - weights.count(0)
+  expected = sum(w * np.load(m / "val_probs.npy") for w, m in zip(weights, (a, wrong, b)))
+  np.testing.assert_allclose(np.load(tmp_path / "ens" / "val_probs.npy"),
+                             expected / sum(weights), rtol=1e-5)
+  config = json.loads((tmp_path / "ens" / "config.json").read_text())
+  assert config["ensemble_candidates"] == [str(a), str(wrong), str(b)]
+  assert wrong not in config["ensemble_members"] and config["ensemble_rounds"] == 6
+  for member in (a, b):
+    np.save(member / "test_probs.npy", np.random.default_rng(0).dirichlet(
+        np.ones(7), len(data["test"]["label"])).astype(np.float32))
+  again = ensemble.ensemble([a, wrong, b], tmp_path / "ens2", data=data, select="greedy",
+                            rounds=6)
+  assert [m["weight"] for m in again["members"]] == weights
+  assert again["val/accuracy"] == results["val/accuracy"]
+  with pytest.raises(ensemble.EnsembleError, match="--select='best'"):
+    ensemble.ensemble([a, b], tmp_path / "ens3", data=data, select="best")
+
+
 def test_members_from_several_machines_name_each_kind(run_dir, data, tmp_path):
   a, b = _member(run_dir, tmp_path, "a"), _member(run_dir, tmp_path, "b")
   results = json.loads((b / "results.json").read_text())
