@@ -19,10 +19,11 @@ run picked k times weighs k. Test plays no part in the choice.
 
 Writes into --out: results.json (val/test accuracy, macro-F1, per-class accuracy and confusion
 matrix, as a training run does, plus each member's own accuracies and weight (with --select,
-candidates left out weigh 0) and how often two members predict the same class, `<split>/member_agreement`, and calibration: `<split>/ece`, the
-`temperature` fit on val and test's ECE and NLL after it), config.json (the first member's
-config and the member list), val_probs.npy, test_probs.npy, confusion_matrix.png and
-reliability.png.
+candidates left out weigh 0) and how often two members predict the same class,
+`<split>/member_agreement`, and calibration: `<split>/ece`, the `temperature` fit on val and
+test's ECE and NLL after it), config.json (the first member's config and the member list; with
+--select, the first chosen member's, the candidates and weights), val_probs.npy, test_probs.npy,
+confusion_matrix.png and reliability.png.
 """
 
 from fer import xla_flags
@@ -201,7 +202,7 @@ def ensemble(workdirs, out, tta: str = "", data=None, select: str = "none",
   if "train_copy" in data["test"]:
     results.update(metrics_lib.copy_metrics(means["test"], data["test"]["label"],
                                             data["test"]["train_copy"]))
-  config = dict(configs[0], ensemble_members=[str(workdirs[i]) for i in kept])
+  config = dict(configs[kept[0]], ensemble_members=[str(workdirs[i]) for i in kept])
   if select != "none":
     config.update(ensemble_weights=[int(weights[i]) for i in kept],
                   ensemble_candidates=[str(w) for w in workdirs], ensemble_rounds=rounds)
@@ -215,7 +216,7 @@ def ensemble(workdirs, out, tta: str = "", data=None, select: str = "none",
                          out / "confusion_matrix.png",
                          title=f"ensemble of {len(kept)}: test accuracy "
                                f"{results['test/accuracy']:.3f}")
-  dropped = configs[0].get("input", {}).get("drop_train_copies", False)
+  dropped = all(configs[i].get("input", {}).get("drop_train_copies", False) for i in kept)
   agreement = (f"; the members agree on {results['val/member_agreement']:.1%} of val images "
                f"(mean over pairs)" if len(kept) > 1 else "")
   print(f"Ensemble of {len(kept)}: val/accuracy {results['val/accuracy']:.4f}, test/accuracy "
