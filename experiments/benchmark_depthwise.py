@@ -14,7 +14,6 @@ import argparse
 import pathlib
 import platform
 import sys
-import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import benchmark_conv
 from experiments import study
 from fer.models import layers
 
@@ -39,13 +39,7 @@ SHAPES = ((44, 8), (44, 16), (22, 32), (11, 64), (6, 128))
 def _ms(f, *args, repeats):
   """Median milliseconds of the jitted gradient of sum(f(*args)**2) with respect to args."""
   grad = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=tuple(range(len(args)))))
-  jax.block_until_ready(grad(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(grad(*args))
-    times.append((time.perf_counter() - t) * 1000)
-  return float(np.median(times))
+  return benchmark_conv.median_ms(grad, *args, repeats=repeats)
 
 
 def main(argv=None):
