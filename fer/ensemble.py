@@ -98,7 +98,7 @@ def greedy_selection(val_probs, labels, rounds: int) -> np.ndarray:
   for r in range(1, rounds + 1):
     candidates = (total + probs) / r
     accuracy = (candidates.argmax(-1) == labels).mean(-1)
-    nll = -np.log(np.maximum(candidates[:, np.arange(len(labels)), labels], 1e-12)).mean(-1)
+    nll = [metrics_lib.nll(c, labels) for c in candidates]
     pick = min(range(len(probs)), key=lambda m: (-accuracy[m], nll[m]))
     total += probs[pick]
     counts[pick] += 1

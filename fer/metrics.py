@@ -68,7 +68,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, prefix: str) -
     f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
   present = support > 0
   return {
-      f"{prefix}/loss": _nll(probs, labels),
+      f"{prefix}/loss": nll(probs, labels),
       f"{prefix}/accuracy": float((preds == labels).mean()),
       f"{prefix}/per_class_accuracy": [None if np.isnan(r) else float(r) for r in recall],
       f"{prefix}/macro_f1": float(f1[present].mean()),
@@ -130,7 +130,8 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
   return scaled / scaled.sum(1, keepdims=True)
 
 
-def _nll(probs, labels) -> float:
+def nll(probs, labels) -> float:
+  """Mean negative log-likelihood of int labels [N] under probabilities [N, K]."""
   return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)).mean())
 
 
@@ -144,7 +145,7 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
   labels = np.asarray(labels)
   if len(labels) == 0:
     raise ValueError("fit_temperature: no images to fit a temperature on")
-  loss = lambda beta: _nll(apply_temperature(probs, 1.0 / beta), labels)
+  loss = lambda beta: nll(apply_temperature(probs, 1.0 / beta), labels)
   lo, hi = 1.0 / 20, 1.0 / 0.05
   ratio = (np.sqrt(5.0) - 1) / 2
   a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
@@ -168,7 +169,7 @@ def calibration(val_probs, val_labels, test_probs, test_labels) -> dict:
   scaled = apply_temperature(test_probs, temperature)
   return {
       "temperature": temperature,
-      "test/loss_calibrated": _nll(scaled, np.asarray(test_labels)),
+      "test/loss_calibrated": nll(scaled, np.asarray(test_labels)),
       "test/ece_calibrated": expected_calibration_error(scaled, test_labels),
   }
 
