@@ -161,7 +161,8 @@ def test_saving_every_two_epochs_ends_like_saving_every_epoch_even_when_killed(t
     assert steps(workdir, "best")[-1] == best  # saved late, but the same epoch's state
     jax.tree.map(np.testing.assert_array_equal, checkpoint_state(workdir, "best"),
                  checkpoint_state(reference, "best"))
-    jax.tree.map(np.testing.assert_array_equal, checkpoint_state(workdir), checkpoint_state(reference))
+    jax.tree.map(np.testing.assert_array_equal, checkpoint_state(workdir),
+                 checkpoint_state(reference))
     assert history(workdir) == history(reference)
     assert results(workdir) == results(reference)
 
@@ -177,7 +178,8 @@ def test_sigterm_saves_the_epoch_in_progress_and_the_rerun_ends_the_same(tmp_pat
   assert "Traceback" not in proc.stderr and steps(workdir) == [1] and len(history(workdir)) == 1
   assert "Resuming" in _ok(run_main(workdir, every)).stdout
   assert steps(workdir) == [1, 3]
-  jax.tree.map(np.testing.assert_array_equal, checkpoint_state(workdir), checkpoint_state(reference))
+  jax.tree.map(np.testing.assert_array_equal, checkpoint_state(workdir),
+               checkpoint_state(reference))
   jax.tree.map(np.testing.assert_array_equal, checkpoint_state(workdir, "best"),
                checkpoint_state(reference, "best"))
   assert history(workdir) == history(reference)
@@ -219,7 +221,8 @@ def test_a_best_epoch_waiting_for_the_next_save_is_kept_intact(tmp_path):
   _ok(run_main(every, *flags, "--config.checkpoint.every_epochs=3"))
   _ok(run_main(each, *flags))
   assert steps(every, "best") == steps(each, "best") == [1] and steps(every) == [3]
-  jax.tree.map(np.testing.assert_array_equal, checkpoint_state(every, "best"), checkpoint_state(each, "best"))
+  jax.tree.map(np.testing.assert_array_equal, checkpoint_state(every, "best"),
+               checkpoint_state(each, "best"))
   assert results(every) == results(each)
 
 
