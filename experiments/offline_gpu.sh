@@ -71,9 +71,8 @@ run_plan() {
   local stop=${STOP_S:-45} out=${OUT:?set OUT: the folder for results.tgz}
   local study=(python3 experiments/run_study.py --root=runs/gpu --plan="$plan")
   # The plan is read (and refused, naming its bad line) before anything is installed.
-  local listing runs
-  listing=$("${study[@]}" --dry_run) || return 2
-  runs=$(grep -c ': would run ' <<< "$listing")
+  local runs
+  runs=$("${study[@]}" --count) || return 2
   (( runs > 0 )) || runs=1  # all complete: run_study only collects them again
   if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

@@ -213,6 +213,8 @@ def main(argv=None) -> int:
   p.add_argument("--vgg16_weights", default="keras", help="keras | torchvision | none (scratch)")
   p.add_argument("--results", default=str(study.RESULTS), help="where finished runs are collected")
   p.add_argument("--dry_run", action="store_true", help="print what would run, run nothing")
+  p.add_argument("--count", action="store_true",
+                 help="print only how many runs are not complete yet (a number), run nothing")
   p.add_argument("--runlocal", action="store_true", help="every config with :runlocal (smoke test)")
   p.add_argument("--parallel", type=int, default=1,
                  help="runs at once (one GPU fits several small runs; each then logs to "
@@ -241,6 +243,9 @@ def main(argv=None) -> int:
   if not todo:
     print(f"--only={args.only!r} matches no experiment", file=sys.stderr)
     return 2
+  if args.count:
+    print(sum(not (root / e.name / e.done_file).is_file() for e in todo))
+    return 0
   number = {e.name: i for i, e in enumerate(todo, 1)}
   tag = lambda e: f"[{number[e.name]}/{len(todo)}] {e.name}"  # pylint: disable=unnecessary-lambda-assignment
   selected = set(number)

@@ -207,6 +207,18 @@ def test_a_plan_lists_its_runs_each_into_its_own_workdir(tmp_path):
       "--config=configs/cnn.py:runlocal")
 
 
+def test_count_prints_how_many_runs_are_not_complete(tmp_path, capsys):
+  # experiments/offline_gpu.sh shares the GPU among this many runs.
+  plan = tmp_path / "plan.txt"
+  plan.write_text("a --config=configs/cnn.py\nb --config=configs/cnn.py\n")
+  args = ["--root", str(tmp_path / "r"), "--plan", str(plan), "--count"]
+  assert run_study.main(args) == 0 and capsys.readouterr().out == "2\n"
+  (tmp_path / "r" / "a").mkdir(parents=True)
+  (tmp_path / "r" / "a" / "results.json").write_text("{}")
+  assert run_study.main(args) == 0 and capsys.readouterr().out == "1\n"
+  assert run_study.main(args + ["--only=a"]) == 0 and capsys.readouterr().out == "0\n"
+
+
 @pytest.mark.parametrize("text, expected", [
     ("only_a_name\n", ":1: bad line 'only_a_name'"),
     ("# a comment\nbad/name --config=configs/cnn.py\n", ":2: bad line 'bad/name"),
