@@ -84,7 +84,8 @@ def main(argv):
   try:
     run(job, config)
   except KeyboardInterrupt as e:
-    if type(e).__module__ == "fer.train":  # train.Stopped: on SIGTERM, after saving its epoch
+    train = sys.modules.get("fer.train")  # imported by the jobs that can raise train.Stopped
+    if train is not None and isinstance(e, train.Stopped):  # SIGTERM, after saving its epoch
       print(f"fer: {e}", file=sys.stderr, flush=True)
       sys.exit(128 + 15)  # what a shell reports for a process SIGTERM ended
     # Ctrl-C: at once, without a traceback from wherever JAX was.
