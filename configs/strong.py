@@ -24,9 +24,10 @@ Expected time for the default 100 epochs:
   (`python experiments/benchmark_train.py --config=configs/strong.py --max_images=3840
   --epochs=2` with each): about 2.5 min per epoch, 4.2 hours for 100 epochs; a killed run
   resumes from its last epoch.
-- half the filters, for a laptop CPU: --config.model.conv_features="(32,64,128,256)" (4.6 M
-  parameters) trains at 513 images/s there (2.9x), 100 epochs in 1.6-1.75 hours, and reached
-  71.5% PrivateTest with ten-crop TTA (row strong_half_s0, one seed).
+- half the filters, for a laptop CPU: configs/strong_half.py (this config with
+  --config.model.conv_features="(32,64,128,256)"; 4.6 M parameters) trains at 513 images/s
+  there (2.9x), 100 epochs in 1.6-1.75 hours, and reached 71.5% PrivateTest with ten-crop TTA
+  (row strong_half_s0, one seed).
 """
 
 from configs import common

@@ -39,6 +39,7 @@ EXPERIMENTS = (
     ("frozen VGG16 + head end-to-end on augmented input", "vgg16_frozen"),
     ("(their future work) fine-tune the top VGG16 block", "vgg16_finetune"),
     ("beyond the study: VGG-style network, ten-crop TTA", "strong"),
+    ("the same with half the filters, 3x faster on a CPU", "strong_half"),
     ("beyond the study: mini-Xception (Arriaga et al. 2017: 66%), 58k parameters, a model of "
      "your own", "mini_xception"),
 )
