@@ -65,6 +65,10 @@ class Experiment:
   collect: bool = True
   after: tuple[str, ...] = ()  # experiments that must finish first (where they are selected)
 
+  def done(self, root: pathlib.Path) -> pathlib.Path:
+    """The file whose presence in `root` says this experiment is complete."""
+    return root / self.name / self.done_file
+
 
 def _train(name, config, *overrides, root, runlocal, done_file="results.json", collect=True,
            after=()):
@@ -244,7 +248,7 @@ def main(argv=None) -> int:
     print(f"--only={args.only!r} matches no experiment", file=sys.stderr)
     return 2
   if args.count:
-    print(sum(not (root / e.name / e.done_file).is_file() for e in todo))
+    print(sum(not e.done(root).is_file() for e in todo))
     return 0
   number = {e.name: i for i, e in enumerate(todo, 1)}
   tag = lambda e: f"[{number[e.name]}/{len(todo)}] {e.name}"  # pylint: disable=unnecessary-lambda-assignment
@@ -283,9 +287,9 @@ def main(argv=None) -> int:
           failed.append(e.name)
           print(f"{tag(e)}: not run, it needs {', '.join(d for d in deps if d in failed)}, "
                 "which failed", flush=True)
-        elif (root / e.name / e.done_file).is_file():
+        elif e.done(root).is_file():
           pending.remove(e)
-          print(f"{tag(e)}: complete ({root / e.name / e.done_file}), skipped", flush=True)
+          print(f"{tag(e)}: complete ({e.done(root)}), skipped", flush=True)
           finish(e)
         elif args.dry_run:
           pending.remove(e)
@@ -299,7 +303,7 @@ def main(argv=None) -> int:
         time.sleep(0.2)
       for r in [r for r in running if r.proc.poll() is not None]:
         running.remove(r)
-        if r.proc.returncode != 0 or not (root / r.e.name / r.e.done_file).is_file():
+        if r.proc.returncode != 0 or not r.e.done(root).is_file():
           print(f"{tag(r.e)}: FAILED (exit {r.proc.returncode}) after {r.minutes():.1f} min; "
                 "rerun the same command to resume it", flush=True)
           failed.append(r.e.name)
