@@ -11,10 +11,12 @@ the original study's), cnn_nocopies_s<k>, augment_nocopies_s<k> (protocol `stand
 without the Training images that have a near copy in val or test), augment_teachers (their
 probabilities on Training: fer.distill), augment_distilled_s<k> and cnn_distilled_s<k> (augment
 and cnn, without the copies, trained on those and the labels), vgg16_cached, vgg16_frozen,
-vgg16_finetune, strong_s<k>, strong_seed_s<k>, for k < --seeds, and with 2 seeds or more each
-family's <family>_ensemble (cnn_standard_ensemble, ..., strong_ensemble, strong_seed_ensemble). The README's strong_ensemble has a fourth seed:
-`--only=strong_s0,strong_s1,strong_s2,strong_s3,strong_ensemble --seeds=4`.
-`--only` takes name prefixes. A run is complete when its workdir holds its final file
+vgg16_finetune, strong_s<k>, strong_seed_s<k>, strong_half_s<k>, mini_xception_s<k>, for k <
+--seeds, and with 2 seeds or more each family's <family>_ensemble (cnn_standard_ensemble, ...,
+strong_seed_ensemble, strong_half_ensemble, mini_xception_ensemble). The README's
+strong_ensemble has a fourth seed: `--only=strong_s0,strong_s1,strong_s2,strong_s3,strong_ensemble
+--seeds=4`. `--only` takes name prefixes (`--only=strong` is strong_*, strong_seed_* and
+strong_half_*). A run is complete when its workdir holds its final file
 (results.json; data_report.json for the data report; best_config.py for the search); a killed
 run resumes from its last checkpoint when the command is repeated. Each finished training run is
 collected into --results/<name>/ (`experiments/study.py collect`: results, config, figures, the
@@ -133,6 +135,12 @@ def experiments(root: pathlib.Path, seeds: int, vgg16_weights: str = "keras",
             for k, m in enumerate(members)]
     if seeds >= 2:
       out.append(ensemble(f"strong{tag}"))
+  # The summary table's rows beyond strong: half its filters (a laptop CPU's config) and the
+  # 58k-parameter mini-Xception, a model of its own (model.name = module:Class).
+  for config in ("strong_half", "mini_xception"):
+    out += [t(f"{config}_s{k}", f"configs/{config}.py", f"--config.seed={k}") for k in range(seeds)]
+    if seeds >= 2:
+      out.append(ensemble(config))
   return out
 
 

@@ -34,7 +34,9 @@ def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
                    "cnn_distilled_ensemble",
                    "vgg16_cached", "vgg16_frozen", "vgg16_finetune",
                    "strong_s0", "strong_s1", "strong_ensemble",
-                   "strong_seed_s0", "strong_seed_s1", "strong_seed_ensemble"]
+                   "strong_seed_s0", "strong_seed_s1", "strong_seed_ensemble",
+                   "strong_half_s0", "strong_half_s1", "strong_half_ensemble",
+                   "mini_xception_s0", "mini_xception_s1", "mini_xception_ensemble"]
   strong_seed = {e.name: e for e in run_study.experiments(tmp_path, seeds=2)}["strong_seed_s1"]
   assert run_study.command(strong_seed) == (
       f"python -m fer.main --config=configs/strong.py --workdir={tmp_path / 'strong_seed_s1'} "
@@ -64,6 +66,10 @@ def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
   assert "--config.pretrained.weights=none" in by_name["vgg16_cached_scratch"].argv
   assert by_name["vgg16_finetune_scratch"].after == ("vgg16_frozen_scratch",)
   every = {e.name: e for e in run_study.experiments(tmp_path, seeds=2)}
+  assert run_study.command(every["strong_half_s1"]) == (
+      "python -m fer.main --config=configs/strong_half.py "
+      f"--workdir={tmp_path / 'strong_half_s1'} --config.seed=1")
+  assert every["mini_xception_ensemble"].after == ("mini_xception_s0", "mini_xception_s1")
   assert every["strong_seed_ensemble"].after == ("strong_seed_s0", "strong_seed_s1")
   assert every["augment_standard_ensemble"].argv == (
       "fer.ensemble", f"--workdirs={tmp_path / 'augment_standard_s0'},"
