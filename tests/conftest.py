@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import tempfile
 
 import pytest
@@ -24,6 +25,11 @@ def pytest_configure(config):
   subprocesses, lets them compile each once (the suite took 454 s with it, 503 s without, on the
   2-core CPU). Nothing carries over between sessions; a cache dir set by the caller is kept."""
   del config
+  # A suite started in the background by a script (`pytest ... &` without job control) has SIGINT
+  # ignored, and so would the fer.main processes it starts (Python then installs no
+  # KeyboardInterrupt handler): handled here, they start with it as in a terminal.
+  if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
   if _CACHE not in os.environ:
     os.environ[_CACHE] = tempfile.mkdtemp(prefix="fer-test-jax-cache-")
     os.environ["FER_TEST_OWNS_JAX_CACHE"] = "1"

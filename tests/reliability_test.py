@@ -39,22 +39,13 @@ def config(**overrides):
   return tiny_config(**{"train.num_epochs": 3, "checkpoint.max_to_keep": 3, **overrides})
 
 
-# `python -m fer.main` with Python's Ctrl-C handler in place, as in a terminal: a test suite
-# started in the background by a script (`pytest ... &` without job control) hands its children
-# SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
-_MAIN_WITH_CTRL_C = ("import runpy, signal; "
-                     "signal.signal(signal.SIGINT, signal.default_int_handler); "
-                     "runpy.run_module('fer.main', run_name='__main__', alter_sys=True)")
-
-
 def run_main(workdir, *extra, fault=None, env=None):
   environ = {k: v for k, v in os.environ.items() if k != "FER_FAULT"}
   environ.update(_ENV)
   environ.update(env or {})
   if fault:
     environ["FER_FAULT"] = fault
-  main = ("-c", _MAIN_WITH_CTRL_C) if fault and fault.startswith("int_") else ("-m", "fer.main")
-  return subprocess.run([sys.executable, *main, f"--workdir={workdir}", *TINY, *extra],
+  return subprocess.run([sys.executable, "-m", "fer.main", f"--workdir={workdir}", *TINY, *extra],
                         cwd=REPO, capture_output=True, text=True, timeout=300, env=environ)
 
 
