@@ -129,18 +129,17 @@ def experiments(root: pathlib.Path, seeds: int, vgg16_weights: str = "keras",
           t(frozen, "configs/vgg16_frozen.py", *weights),
           t(f"vgg16_finetune{suffix}", "configs/vgg16_finetune.py", *weights,
             f"--config.init_from={root / frozen}", after=(frozen,))]
-  for tag, protocol in (("", ()), ("_seed", ("--config.input.protocol=seed",))):
-    members = [root / f"strong{tag}_s{k}" for k in range(seeds)]
-    out += [t(m.name, "configs/strong.py", *protocol, f"--config.seed={k}")
-            for k, m in enumerate(members)]
+  # strong in both protocols, then the summary table's rows beyond it: half its filters (a laptop
+  # CPU's config) and the 58k-parameter mini-Xception, a model of its own (model.name =
+  # module:Class).
+  for name, config, *protocol in (("strong", "strong"),
+                                  ("strong_seed", "strong", "--config.input.protocol=seed"),
+                                  ("strong_half", "strong_half"),
+                                  ("mini_xception", "mini_xception")):
+    out += [t(f"{name}_s{k}", f"configs/{config}.py", *protocol, f"--config.seed={k}")
+            for k in range(seeds)]
     if seeds >= 2:
-      out.append(ensemble(f"strong{tag}"))
-  # The summary table's rows beyond strong: half its filters (a laptop CPU's config) and the
-  # 58k-parameter mini-Xception, a model of its own (model.name = module:Class).
-  for config in ("strong_half", "mini_xception"):
-    out += [t(f"{config}_s{k}", f"configs/{config}.py", f"--config.seed={k}") for k in range(seeds)]
-    if seeds >= 2:
-      out.append(ensemble(config))
+      out.append(ensemble(name))
   return out
 
 
