@@ -26,8 +26,8 @@ Expected time for the default 100 epochs:
   resumes from its last epoch.
 - half the filters, for a laptop CPU: configs/strong_half.py (this config with
   --config.model.conv_features="(32,64,128,256)"; 4.6 M parameters) trains at 513 images/s
-  there (2.9x), 100 epochs in 1.6-1.75 hours, and reached 71.2% +- 0.4% PrivateTest with
-  ten-crop TTA (rows strong_half_s0 and strong_half_s1: 71.5% and 70.9%).
+  there (2.9x), 100 epochs in 1.5-1.85 hours, and reached 70.9% +- 0.6% PrivateTest with
+  ten-crop TTA (rows strong_half_s0, _s1 and _s2: 71.5%, 70.9% and 70.3%).
 """
 
 from configs import common

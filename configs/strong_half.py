@@ -5,12 +5,13 @@ data, augmentation, optimiser, 100-epoch cosine schedule and ten-crop TTA.
   python -m fer.main --config=configs/strong_half.py:runlocal --workdir=/tmp/strong_half   # seconds
 
 The same config as configs/strong.py with --config.model.conv_features="(32,64,128,256)", the
-command of the results table's rows strong_half_s0 and _s1 (README, "A strong config and
-ensembles"): 71.5% and 70.9% PrivateTest accuracy with ten-crop TTA (val 69.2% and 68.9%),
-beside 71.9% +- 0.4% for the full width's four GPU seeds; 72.1% for the two as an ensemble.
+command of the results table's rows strong_half_s0, _s1 and _s2 (README, "A strong config and
+ensembles"): 71.5%, 70.9% and 70.3% PrivateTest accuracy with ten-crop TTA (70.9% +- 0.6%; val
+69.2%, 68.9% and 69.2%), beside 71.9% +- 0.4% for the full width's four GPU seeds; 72.3% for
+the three as an ensemble.
 On the 2-core CPU (quiet AMD EPYC with AVX-512 BF16) it trains at 513 images/s against 175 for
 configs/strong.py (`python experiments/benchmark_train.py --config=configs/strong_half.py
---max_images=2560 --epochs=2`), 56-64 s per epoch, 1.6-1.75 hours for 100 epochs; on one GPU
+--max_images=2560 --epochs=2`), 53-64 s per epoch, 1.5-1.85 hours for 100 epochs; on one GPU
 a few minutes, like configs/strong.py.
 """
 
