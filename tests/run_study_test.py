@@ -37,16 +37,14 @@ def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
                    "strong_seed_s0", "strong_seed_s1", "strong_seed_ensemble",
                    "strong_half_s0", "strong_half_s1", "strong_half_ensemble",
                    "mini_xception_s0", "mini_xception_s1", "mini_xception_ensemble"]
-  strong_seed = {e.name: e for e in run_study.experiments(tmp_path, seeds=2)}["strong_seed_s1"]
-  assert run_study.command(strong_seed) == (
+  every = every_run(tmp_path)
+  assert run_study.command(every["strong_seed_s1"]) == (
       f"python -m fer.main --config=configs/strong.py --workdir={tmp_path / 'strong_seed_s1'} "
       "--config.input.protocol=seed --config.seed=1")
-  nocopies = {e.name: e for e in run_study.experiments(tmp_path, seeds=2)}["augment_nocopies_s1"]
-  assert run_study.command(nocopies) == (
+  assert run_study.command(every["augment_nocopies_s1"]) == (
       f"python -m fer.main --config=configs/augment.py --workdir={tmp_path / 'augment_nocopies_s1'} "
       "--config.input.drop_train_copies=True --config.seed=1")
-  teachers, student = every_run(tmp_path)["augment_teachers"], every_run(tmp_path)[
-      "augment_distilled_s1"]
+  teachers, student = every["augment_teachers"], every["augment_distilled_s1"]
   targets = tmp_path / "augment_teachers" / "targets.npz"
   assert run_study.command(teachers) == (
       f"python -m fer.distill --teachers={tmp_path / 'augment_nocopies_s0'},"
@@ -56,7 +54,7 @@ def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
   assert f"--config.distill.targets={targets}" in student.argv
   assert "--config.input.drop_train_copies=True" in student.argv
   assert student.after == ("augment_teachers",)
-  cnn_student = every_run(tmp_path)["cnn_distilled_s0"]
+  cnn_student = every["cnn_distilled_s0"]
   assert "--config=configs/cnn.py" in cnn_student.argv and cnn_student.after == student.after
   assert f"--config.distill.targets={targets}" in cnn_student.argv
   by_name = {e.name: e for e in run_study.experiments(tmp_path, seeds=2, vgg16_weights="none")
@@ -65,7 +63,6 @@ def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
       "vgg16_finetune_scratch"].argv
   assert "--config.pretrained.weights=none" in by_name["vgg16_cached_scratch"].argv
   assert by_name["vgg16_finetune_scratch"].after == ("vgg16_frozen_scratch",)
-  every = {e.name: e for e in run_study.experiments(tmp_path, seeds=2)}
   assert run_study.command(every["strong_half_s1"]) == (
       "python -m fer.main --config=configs/strong_half.py "
       f"--workdir={tmp_path / 'strong_half_s1'} --config.seed=1")
