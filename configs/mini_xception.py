@@ -27,6 +27,8 @@ epoch the last; its checkpoint with ten-crop TTA 64.9% (val 63.3%;
 experiments/results/tta_mini_xception/). With --config.train.num_epochs=100 (row
 mini_xception_e100_s0; 120 minutes alone there): 65.3% (val 64.3%, best epoch 89), with ten-crop
 TTA 68.1% (val 65.9%). 56,951 parameters (+ 1,472 batch-norm statistics: the paper's 58,423).
+The study (experiments/run_study.py) and the README's summary table train it 100 epochs: runs
+mini_xception_e100_s<k>.
 """
 
 from typing import Sequence

@@ -11,9 +11,9 @@ the original study's), cnn_nocopies_s<k>, augment_nocopies_s<k> (protocol `stand
 without the Training images that have a near copy in val or test), augment_teachers (their
 probabilities on Training: fer.distill), augment_distilled_s<k> and cnn_distilled_s<k> (augment
 and cnn, without the copies, trained on those and the labels), vgg16_cached, vgg16_frozen,
-vgg16_finetune, strong_s<k>, strong_seed_s<k>, strong_half_s<k>, mini_xception_s<k>, for k <
+vgg16_finetune, strong_s<k>, strong_seed_s<k>, strong_half_s<k>, mini_xception_e100_s<k>, for k <
 --seeds, and with 2 seeds or more each family's <family>_ensemble (cnn_standard_ensemble, ...,
-strong_seed_ensemble, strong_half_ensemble, mini_xception_ensemble). The README's
+strong_seed_ensemble, strong_half_ensemble, mini_xception_e100_ensemble). The README's
 strong_ensemble has a fourth seed: `--only=strong_s0,strong_s1,strong_s2,strong_s3,strong_ensemble
 --seeds=4`. `--only` takes name prefixes (`--only=strong` is strong_*, strong_seed_* and
 strong_half_*). A run is complete when its workdir holds its final file
@@ -131,12 +131,13 @@ def experiments(root: pathlib.Path, seeds: int, vgg16_weights: str = "keras",
             f"--config.init_from={root / frozen}", after=(frozen,))]
   # strong in both protocols, then the summary table's rows beyond it: half its filters (a laptop
   # CPU's config) and the 58k-parameter mini-Xception, a model of its own (model.name =
-  # module:Class).
-  for name, config, *protocol in (("strong", "strong"),
-                                  ("strong_seed", "strong", "--config.input.protocol=seed"),
-                                  ("strong_half", "strong_half"),
-                                  ("mini_xception", "mini_xception")):
-    out += [t(f"{name}_s{k}", f"configs/{config}.py", *protocol, f"--config.seed={k}")
+  # module:Class), on twice its config's 50 epochs.
+  for name, config, *args in (("strong", "strong"),
+                              ("strong_seed", "strong", "--config.input.protocol=seed"),
+                              ("strong_half", "strong_half"),
+                              ("mini_xception_e100", "mini_xception",
+                               "--config.train.num_epochs=100")):
+    out += [t(f"{name}_s{k}", f"configs/{config}.py", *args, f"--config.seed={k}")
             for k in range(seeds)]
     if seeds >= 2:
       out.append(ensemble(name))

@@ -31,17 +31,19 @@ SUMMARY_START, SUMMARY_END = "<!-- summary:start -->", "<!-- summary:end -->"
 # The original Keras study's test accuracies (protocol `seed`), by config name.
 ORIGINAL = {"cnn": 0.527, "augment": 0.566, "vgg16_cached": 0.439, "vgg16_frozen": 0.393}
 # The README's first table: each experiment of the original study (and ours beyond it) with its
-# config, beside what our runs of that config measured in each protocol.
+# config and the name its runs go by (<runs>[_<protocol>]_s<k>, <runs>_..._ensemble), beside what
+# those runs measured in each protocol.
 EXPERIMENTS = (
-    ("tuned CNN (4 conv, 3 dense, softmax)", "cnn"),
-    ("the same CNN + augmentation + dropout", "augment"),
-    ("VGG16 conv base run once, cached features, dense head", "vgg16_cached"),
-    ("frozen VGG16 + head end-to-end on augmented input", "vgg16_frozen"),
-    ("(their future work) fine-tune the top VGG16 block", "vgg16_finetune"),
-    ("beyond the study: VGG-style network, ten-crop TTA", "strong"),
-    ("the same with half the filters, 3x faster on a CPU", "strong_half"),
+    ("tuned CNN (4 conv, 3 dense, softmax)", "cnn", "cnn"),
+    ("the same CNN + augmentation + dropout", "augment", "augment"),
+    ("VGG16 conv base run once, cached features, dense head", "vgg16_cached", "vgg16_cached"),
+    ("frozen VGG16 + head end-to-end on augmented input", "vgg16_frozen", "vgg16_frozen"),
+    ("(their future work) fine-tune the top VGG16 block", "vgg16_finetune", "vgg16_finetune"),
+    ("beyond the study: VGG-style network, ten-crop TTA", "strong", "strong"),
+    ("the same with half the filters, 3x faster on a CPU", "strong_half", "strong_half"),
     ("beyond the study: mini-Xception (Arriaga et al. 2017: 66%), 58k parameters, a model of "
-     "your own", "mini_xception"),
+     "your own; 100 epochs (`--config.train.num_epochs=100`)", "mini_xception",
+     "mini_xception_e100"),
 )
 # The protocols of the summary table's columns and the per-class figure's panels.
 PROTOCOLS = ("seed", "standard")
@@ -183,12 +185,12 @@ def _headline(dirs, config, protocol, variant: str = "") -> tuple[dict, dict]:
 
 
 def _headlines(dirs) -> dict:
-  """(config, protocol) -> _headline's (seeds, ensembles), for each of EXPERIMENTS: read once
+  """(runs, protocol) -> _headline's (seeds, ensembles), for each of EXPERIMENTS: read once
   for the summary table and the per-class figure."""
-  out = {(config, protocol): _headline(dirs, config, protocol)
-         for _, config in EXPERIMENTS for protocol in PROTOCOLS}
-  out.update({(config, NOCOPIES): _headline(dirs, config, "standard", NOCOPIES)
-              for _, config in EXPERIMENTS})
+  out = {(name, protocol): _headline(dirs, name, protocol)
+         for *_, name in EXPERIMENTS for protocol in PROTOCOLS}
+  out.update({(name, NOCOPIES): _headline(dirs, name, "standard", NOCOPIES)
+              for *_, name in EXPERIMENTS})
   return out
 
 
@@ -209,13 +211,13 @@ def _summary(headlines):
   lines = ["| experiment | config | original study (`seed`) | ours, `seed` | "
            "ours, `standard` (PrivateTest) | ours, `standard`, trained without the near copies "
            "of val/test faces |", "|---|---|---:|---:|---:|---:|"]
-  for what, config in EXPERIMENTS:
+  for what, config, name in EXPERIMENTS:
     original = ORIGINAL.get(config)
     lines.append(f"| {what} | `configs/{config}.py` | "
                  f"{'-' if original is None else f'{original:.1%}'} | "
-                 f"{_summary_cell(*headlines[config, 'seed'])} | "
-                 f"{_summary_cell(*headlines[config, 'standard'])} | "
-                 f"{_summary_cell(*headlines[config, NOCOPIES])} |")
+                 f"{_summary_cell(*headlines[name, 'seed'])} | "
+                 f"{_summary_cell(*headlines[name, 'standard'])} | "
+                 f"{_summary_cell(*headlines[name, NOCOPIES])} |")
   return "\n".join(lines) + "\n"
 
 
@@ -234,15 +236,15 @@ def _per_class_figure(headlines, results_root):
   panels, classes = {}, None
   for protocol in PROTOCOLS:
     bars = {}
-    for _, config in EXPERIMENTS:
-      seeds, ensembles = headlines[config, protocol]
+    for *_, name in EXPERIMENTS:
+      seeds, ensembles = headlines[name, protocol]
       if seeds:
-        bars[f"{config}: mean of {len(seeds)} run{'s' * (len(seeds) > 1)}"] = np.mean(
+        bars[f"{name}: mean of {len(seeds)} run{'s' * (len(seeds) > 1)}"] = np.mean(
             np.array([r["test/per_class_accuracy"] for r in seeds.values()], dtype=np.float64),
             axis=0).tolist()
       for r in ensembles.values():
         size = r.get("ensemble_size")
-        bars[f"{config}: ensemble" + (f" of {size}" if size else "")] = r[
+        bars[f"{name}: ensemble" + (f" of {size}" if size else "")] = r[
             "test/per_class_accuracy"]
       classes = next((r["classes"] for r in (*seeds.values(), *ensembles.values())), classes)
     if bars:

@@ -36,7 +36,8 @@ def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
                    "strong_s0", "strong_s1", "strong_ensemble",
                    "strong_seed_s0", "strong_seed_s1", "strong_seed_ensemble",
                    "strong_half_s0", "strong_half_s1", "strong_half_ensemble",
-                   "mini_xception_s0", "mini_xception_s1", "mini_xception_ensemble"]
+                   "mini_xception_e100_s0", "mini_xception_e100_s1",
+                   "mini_xception_e100_ensemble"]
   every = every_run(tmp_path)
   assert run_study.command(every["strong_seed_s1"]) == (
       f"python -m fer.main --config=configs/strong.py --workdir={tmp_path / 'strong_seed_s1'} "
@@ -66,7 +67,12 @@ def test_the_study_lists_every_experiment_in_a_runnable_order(tmp_path):
   assert run_study.command(every["strong_half_s1"]) == (
       "python -m fer.main --config=configs/strong_half.py "
       f"--workdir={tmp_path / 'strong_half_s1'} --config.seed=1")
-  assert every["mini_xception_ensemble"].after == ("mini_xception_s0", "mini_xception_s1")
+  assert run_study.command(every["mini_xception_e100_s0"]) == (
+      "python -m fer.main --config=configs/mini_xception.py "
+      f"--workdir={tmp_path / 'mini_xception_e100_s0'} --config.train.num_epochs=100 "
+      "--config.seed=0")
+  assert every["mini_xception_e100_ensemble"].after == ("mini_xception_e100_s0",
+                                                       "mini_xception_e100_s1")
   assert every["strong_seed_ensemble"].after == ("strong_seed_s0", "strong_seed_s1")
   assert every["augment_standard_ensemble"].argv == (
       "fer.ensemble", f"--workdirs={tmp_path / 'augment_standard_s0'},"

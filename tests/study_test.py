@@ -85,7 +85,11 @@ def test_summary_table_gives_each_experiment_its_seed_groups_and_ensembles(tmp_p
                               ("cnn_seed_ensemble", 0.57, "seed"),
                               ("cnn_standard_gpu", 0.9, "standard"),  # a variant: not summarised
                               ("strong_s0", 0.71, "standard"), ("strong_e30_s0", 0.6, "standard"),
-                              ("strong_nocopies_s0", 0.65, "standard")]:  # without copies
+                              ("strong_nocopies_s0", 0.65, "standard"),  # without copies
+                              # the summary's mini-Xception runs are those of 100 epochs
+                              ("mini_xception_s0", 0.63, "standard"),
+                              ("mini_xception_e100_s0", 0.65, "standard"),
+                              ("mini_xception_e100_s1", 0.67, "standard")]:
     study.collect(_fake_run(runs / name, acc, protocol), name, "cmd", "m", results)
   readme = tmp_path / "README.md"
   readme.write_text(f"{study.SUMMARY_START}\nold\n{study.SUMMARY_END}\n"
@@ -100,6 +104,8 @@ def test_summary_table_gives_each_experiment_its_seed_groups_and_ensembles(tmp_p
       "not run", "not run |"]
   assert rows["`configs/strong.py`"] == ["-", "not run", "71.0% (1 run)", "65.0% (1 run) |"]
   assert rows["`configs/vgg16_cached.py`"] == ["43.9%", "not run", "not run", "not run |"]
+  assert rows["`configs/mini_xception.py`"] == [
+      "-", "not run", f"66.0% ± {np.std([0.65, 0.67], ddof=1):.1%} (2 seeds)", "not run |"]
   # The val curves: a colour and a legend entry per seed group.
   assert curves["styles"] == {"cnn_seed_ensemble": ("C0", "cnn_seed_ensemble (1 run)"),
                               "cnn_seed_s0": ("C1", "cnn_seed (2 runs)"),
@@ -108,4 +114,6 @@ def test_summary_table_gives_each_experiment_its_seed_groups_and_ensembles(tmp_p
   # The per-class figure draws the same runs: a panel per protocol, seed means and ensembles.
   assert drawn == {"protocol seed": {"cnn: mean of 2 runs": pytest.approx([0.52] * 7),
                                      "cnn: ensemble": [0.57] * 7},
-                   "protocol standard": {"strong: mean of 1 run": [0.71] * 7}}
+                   "protocol standard": {"strong: mean of 1 run": [0.71] * 7,
+                                         "mini_xception_e100: mean of 2 runs":
+                                             pytest.approx([0.66] * 7)}}
