@@ -8,7 +8,9 @@ on val and test, as the run saved them at its end (`val_probs.npy`, `test_probs.
 the run's `eval.tta`). With `--tta=none|flip|tencrop`, or for a member without saved
 probabilities, the best checkpoint is restored and evaluated here instead; with `--tta`, one
 run is accepted too (its best checkpoint re-evaluated with that TTA, an analysis: the run's own
-test figure stays the one it reported). The members must be
+test figure stays the one it reported). `--tta` may also give one mode per run, in the order of
+--workdirs, empty for a run's saved probabilities: `--tta=,tencrop` keeps the first run's and
+re-evaluates the second's best checkpoint with ten crops. The members must be
 trained on the same splits (same data protocol); the ensemble is scored against that protocol's
 labels. Which runs to ensemble is a choice to make on val accuracy; test is only reported.
 
@@ -82,6 +84,20 @@ def _member_probs(workdir: pathlib.Path, results: dict, tta: str, data, mesh) ->
           for s in SPLITS}, tta
 
 
+def _member_ttas(tta: str, n: int) -> list[str]:
+  """--tta as one mode per member: none, flip or tencrop (re-evaluate the best checkpoint), or ''
+  (the probabilities the run saved). One mode is for all members; a list has one per member."""
+  ttas = tta.split(",") if "," in tta else [tta] * n
+  if len(ttas) != n:
+    raise EnsembleError(f"--tta={tta!r} gives {len(ttas)} modes for {n} runs: give one mode for "
+                        f"all runs, or one per run in the order of --workdirs")
+  for mode in ttas:
+    if mode not in ("", *train.TTA_MODES):
+      raise EnsembleError(f"--tta={tta!r}: {mode!r} is not none, flip or tencrop (or empty: the "
+                          f"run's saved probabilities)")
+  return ttas
+
+
 SELECT_MODES = ("none", "greedy")
 
 
@@ -114,11 +130,10 @@ def ensemble(workdirs, out, tta: str = "", data=None, select: str = "none",
   from fer import input_pipeline  # pylint: disable=import-outside-toplevel
   from fer import plots  # pylint: disable=import-outside-toplevel
   workdirs = [pathlib.Path(w) for w in workdirs]
-  if len(workdirs) < (1 if tta else 2):
+  ttas = _member_ttas(tta, len(workdirs))
+  if len(workdirs) < (1 if any(ttas) else 2):
     raise EnsembleError(f"an ensemble needs at least two runs (or one with --tta, which "
                         f"re-evaluates its best checkpoint), got {len(workdirs)}")
-  if tta not in ("", *train.TTA_MODES):
-    raise EnsembleError(f"--tta={tta!r}: expected none, flip or tencrop (or empty: the runs' own)")
   if select not in SELECT_MODES:
     raise EnsembleError(f"--select={select!r}: expected none (all runs, equal weights) or greedy")
   if select == "greedy" and (len(workdirs) < 2 or rounds < 1):
@@ -141,8 +156,8 @@ def ensemble(workdirs, out, tta: str = "", data=None, select: str = "none",
   mesh = train.make_mesh()
   probs = {s: [] for s in SPLITS}
   members = []
-  for workdir, result in zip(workdirs, member_results):
-    member, member_tta = _member_probs(workdir, result, tta, data, mesh)
+  for workdir, result, mode in zip(workdirs, member_results, ttas):
+    member, member_tta = _member_probs(workdir, result, mode, data, mesh)
     entry = {"workdir": str(workdir), "tta": member_tta}
     for s in SPLITS:
       if member[s].shape != (len(data[s]["label"]), len(CLASSES)):
@@ -230,7 +245,8 @@ def ensemble(workdirs, out, tta: str = "", data=None, select: str = "none",
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Finished run workdirs to ensemble.")
 _OUT = flags.DEFINE_string("out", None, "Directory for the ensemble's results.")
 _TTA = flags.DEFINE_string("tta", "", "none | flip | tencrop: re-evaluate the best checkpoints "
-                           "with this TTA; empty: use the probabilities the runs saved.")
+                           "with this TTA; empty: use the probabilities the runs saved; a "
+                           "comma-separated list: one of these per run (e.g. ',tencrop').")
 _SELECT = flags.DEFINE_enum("select", "none", SELECT_MODES,
                            "none: all runs, equal weights; greedy: choose runs and weights on val "
                            "(ensemble selection with replacement).")

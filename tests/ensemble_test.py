@@ -139,6 +139,22 @@ def test_recomputed_probabilities_match_the_saved_ones(run_dir, data, tmp_path):
   assert one["test/accuracy"] == pytest.approx(
       float((flipped.argmax(1) == data["test"]["label"]).mean()))
   assert not np.allclose(flipped, np.load(run_dir / "test_probs.npy"), atol=1e-5)
+  # One mode per run: a's saved probabilities beside b's best checkpoint with flip.
+  mixed = ensemble.ensemble([a, b], tmp_path / "mixed", tta=",flip", data=data)
+  assert [m["tta"] for m in mixed["members"]] == ["none", "flip"] and mixed["tta"] == "flip/none"
+  np.testing.assert_allclose(np.load(tmp_path / "mixed" / "test_probs.npy"),
+                             (np.load(run_dir / "test_probs.npy") + flipped) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("tta, match", [
+    ("flip,none,", "gives 3 modes for 2 runs"),
+    (",tencrops", "'tencrops' is not none, flip or tencrop"),
+    ("10crop", "'10crop' is not none, flip or tencrop"),
+])
+def test_a_bad_tta_list_is_refused_before_any_work(run_dir, tmp_path, tta, match):
+  with pytest.raises(ensemble.EnsembleError, match=match):
+    ensemble.ensemble([run_dir, run_dir.parent / "other"], tmp_path / "ens", tta=tta)
+  assert not (tmp_path / "ens").exists()
 
 
 def test_members_on_other_splits_are_refused(run_dir, data, tmp_path):
