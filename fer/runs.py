@@ -20,6 +20,7 @@ RunError with a message naming the path and what is wrong.
 import dataclasses
 import gc
 import json
+import logging
 import os
 import pathlib
 import sys
@@ -358,12 +359,38 @@ def val_accuracy_line(run: Run, tta: str) -> str:
   return line if tta == "none" else f"{line}; predicting with {tta} TTA"
 
 
+def _is_checkpoint_read_error(exc) -> bool:
+  """Whether an exception comes from orbax or TensorStore reading checkpoint files."""
+  if exc is None:
+    return False
+  tb = exc.__traceback__
+  while tb is not None:
+    if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return any(word in str(exc) for word in ("TensorStore", "OCDBT"))
+
+
+class _OrbaxLeftoverFilter(logging.Filter):
+  """Drops asyncio's 'Future/Task exception was never retrieved' for checkpoint read errors."""
+
+  def filter(self, record):
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (str(record.msg).split("\n", 1)[0].endswith("exception was never retrieved")
+                and _is_checkpoint_read_error(exc))
+
+
 def quiet_orbax_read_noise():
   """Drops what orbax leaves behind when a damaged checkpoint fails to restore, which Python
-  prints as 'Exception ignored' tracebacks after the clean error, a few or dozens, at random:
-  its abandoned read coroutines, raising when collected, and TensorStore's callbacks into its
-  closed event loop ('RuntimeError: Event loop is closed'). Installed for the rest of the
-  process (for the CLIs); every other unraisable exception is still reported."""
+  prints after the clean error, a few or dozens, at random: 'Exception ignored' tracebacks of
+  its abandoned read coroutines, raising when collected, and of TensorStore's callbacks into its
+  closed event loop ('RuntimeError: Event loop is closed'); and asyncio's log lines for the
+  failed reads' futures ('Future exception was never retrieved'). Installed for the rest of the
+  process (for the CLIs); every other unraisable exception and asyncio error is still
+  reported."""
+  asyncio_log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _OrbaxLeftoverFilter) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_OrbaxLeftoverFilter())
   previous = sys.unraisablehook
   if getattr(previous, "quiets_orbax", False):
     return
