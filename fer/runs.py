@@ -359,13 +359,18 @@ def val_accuracy_line(run: Run, tta: str) -> str:
   return line if tta == "none" else f"{line}; predicting with {tta} TTA"
 
 
+def _in_orbax(code: types.CodeType) -> bool:
+  """Whether a function's code lives in the orbax package."""
+  return f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
 def _is_checkpoint_read_error(exc) -> bool:
   """Whether an exception comes from orbax or TensorStore reading checkpoint files."""
   if exc is None:
     return False
   tb = exc.__traceback__
   while tb is not None:
-    if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+    if _in_orbax(tb.tb_frame.f_code):
       return True
     tb = tb.tb_next
   return any(word in str(exc) for word in ("TensorStore", "OCDBT"))
@@ -399,8 +404,7 @@ def quiet_orbax_read_noise():
     exc, obj = unraisable.exc_value, unraisable.object
     if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
       return
-    if (isinstance(obj, types.CoroutineType) and
-        f"{os.sep}orbax{os.sep}" in obj.cr_code.co_filename):
+    if isinstance(obj, types.CoroutineType) and _in_orbax(obj.cr_code):
       return
     previous(unraisable)
 
