@@ -270,26 +270,40 @@ def _curves_figure(dirs, results_root):
                      family=lambda name: _seed_group(name) or name)
 
 
-def table(results_root=RESULTS, readme=REPO / "README.md"):
-  """Rewrites results_table.md, per_class_accuracy.png, val_curves.png and the README's tables
-  (the summary and the results) from the runs collected in `results_root`; with no new runs
-  nothing changes."""
-  results_root, readme = pathlib.Path(results_root), pathlib.Path(readme)
-  dirs = sorted(d for d in results_root.iterdir() if (d / "results.json").is_file()
-                and (d / "run.json").is_file())
+def _run_dirs(results_root):
+  return sorted(d for d in pathlib.Path(results_root).iterdir()
+                if (d / "results.json").is_file() and (d / "run.json").is_file())
+
+
+def tables(results_root=RESULTS) -> tuple[str, str]:
+  """The results table (a row per collected run, then a mean row per seed group) and the
+  summary table, as markdown, from the runs in `results_root`; writes nothing."""
+  dirs = _run_dirs(results_root)
   lines = ["| run | protocol | val acc | test acc | original study (test) | test macro-F1 | "
            "parameters | epochs (best) | train time | machine | command |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
   lines += [_row(d.name, d) for d in dirs]
   lines += _seed_rows(dirs)
-  text = "\n".join(lines) + "\n"
+  return "\n".join(lines) + "\n", _summary(_headlines(dirs))
+
+
+def with_tables(body: str, text: str, summary: str) -> str:
+  """The README text body with the results table text and the summary table put in."""
+  return _between(_between(body, START, END, text), SUMMARY_START, SUMMARY_END, summary)
+
+
+def table(results_root=RESULTS, readme=REPO / "README.md"):
+  """Rewrites results_table.md, per_class_accuracy.png, val_curves.png and the README's tables
+  (the summary and the results) from the runs collected in `results_root`; with no new runs
+  nothing changes."""
+  results_root, readme = pathlib.Path(results_root), pathlib.Path(readme)
+  text, summary = tables(results_root)
   _write_text(results_root / "results_table.md", text)
-  headlines = _headlines(dirs)
-  _per_class_figure(headlines, results_root)
+  dirs = _run_dirs(results_root)
+  _per_class_figure(_headlines(dirs), results_root)
   _curves_figure(dirs, results_root)
   body = readme.read_text()
-  new = _between(_between(body, START, END, text), SUMMARY_START, SUMMARY_END,
-                 _summary(headlines))
+  new = with_tables(body, text, summary)
   if new != body:
     _write_text(readme, new)
   print(text)

@@ -117,3 +117,15 @@ def test_summary_table_gives_each_experiment_its_seed_groups_and_ensembles(tmp_p
                    "protocol standard": {"strong: mean of 1 run": [0.71] * 7,
                                          "mini_xception_e100: mean of 2 runs":
                                              pytest.approx([0.66] * 7)}}
+
+
+def test_committed_tables_are_the_ones_the_committed_runs_give():
+  """README.md's summary and results tables and experiments/results/results_table.md are what
+  `python experiments/study.py table` makes of experiments/results/: nobody edited a number by
+  hand, and no collected run is missing from them (run that command after `collect`)."""
+  text, summary = study.tables()
+  assert text.count("\n") > 50
+  readme = (REPO / "README.md").read_text()
+  assert study.with_tables(readme, text, summary) == readme, (
+      "README.md's tables differ from experiments/results/: run `python experiments/study.py table`")
+  assert (study.RESULTS / "results_table.md").read_text() == text
