@@ -282,10 +282,25 @@ def to_table(results: Results) -> str:
   return "\n".join(lines) + "\n"
 
 
+def draw_faces(rgb: np.ndarray, labelled_boxes, color=(255, 220, 0)) -> np.ndarray:
+  """Draws each (box, label) of `labelled_boxes` into the uint8 [H, W, 3] image `rgb`, in
+  place: the box, and the label on a filled band above it (below it at the image's top)."""
+  import cv2  # pylint: disable=import-outside-toplevel
+  thickness = max(1, round(min(rgb.shape[:2]) / 300))
+  for (x, y, w, h), label in labelled_boxes:
+    cv2.rectangle(rgb, (x, y), (x + w - 1, y + h - 1), color, thickness)
+    scale = max(0.35, w / 250)
+    (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    ty = y - 4 if y - th - base - 4 >= 0 else min(y + h + th + 4, rgb.shape[0] - base)
+    cv2.rectangle(rgb, (x, ty - th - base), (x + tw, ty + base), color, -1)
+    cv2.putText(rgb, label, (x, ty), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness,
+                cv2.LINE_AA)
+  return rgb
+
+
 def annotate(results: Results, out_dir, files: Sequence[str] | None = None) -> list[pathlib.Path]:
   """A copy of each image (those in `files`, default: those with faces) with boxes and labels
   drawn, into `out_dir`. Never overwrites an input; names that collide get a suffix."""
-  import cv2  # pylint: disable=import-outside-toplevel
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   by_file: dict[str, list[FaceResult]] = {}
@@ -303,18 +318,7 @@ def annotate(results: Results, out_dir, files: Sequence[str] | None = None) -> l
       rgb = np.repeat(faces_lib.to_grey(img)[..., None], 3, axis=2)
     else:
       rgb = np.array(img.convert("RGB"))
-    side = min(rgb.shape[:2])
-    thickness = max(1, round(side / 300))
-    for r in by_file.get(file, []):
-      x, y, w, h = r.box
-      cv2.rectangle(rgb, (x, y), (x + w - 1, y + h - 1), (255, 220, 0), thickness)
-      label = f"{r.emotion} {r.probability:.2f}"
-      scale = max(0.35, w / 250)
-      (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
-      ty = y - 4 if y - th - base - 4 >= 0 else min(y + h + th + 4, rgb.shape[0] - base)
-      cv2.rectangle(rgb, (x, ty - th - base), (x + tw, ty + base), (255, 220, 0), -1)
-      cv2.putText(rgb, label, (x, ty), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness,
-                  cv2.LINE_AA)
+    draw_faces(rgb, [(r.box, f"{r.emotion} {r.probability:.2f}") for r in by_file.get(file, [])])
     src = pathlib.Path(file)
     suffix = src.suffix.lower() if src.suffix.lower() in IMAGE_SUFFIXES else ".png"
     target, k = out_dir / f"{src.stem}{suffix}", 1
@@ -355,11 +359,10 @@ def main(argv):
         f"{runs.val_accuracy_line(run, tta)})", file=sys.stderr, flush=True)
   temperature = None
   if FLAGS.calibrate:
-    temperature = runs.final_results(run).get("temperature")
-    if temperature is None:
-      print(f"error: --calibrate: {run.checkpoint.path} has no fitted temperature (the run's "
-            "results.json has none: an unfinished run, a checkpoint outside a run, or a run "
-            "finished before calibration was added); drop --calibrate", file=sys.stderr)
+    try:
+      temperature = runs.calibration_temperature(run)
+    except runs.RunError as e:
+      print(f"error: {e}", file=sys.stderr)
       return 2
     print(f"Probabilities calibrated with temperature {temperature:.3f} (fit on val by the "
           "run's final evaluation).", file=sys.stderr, flush=True)

@@ -345,6 +345,17 @@ def final_results(run: Run) -> dict:
   return results if isinstance(results, dict) else {}
 
 
+def calibration_temperature(run: Run) -> float:
+  """The temperature the run fit on val at its end (results.json), for `--calibrate`; RunError
+  when it has none."""
+  temperature = final_results(run).get("temperature")
+  if not isinstance(temperature, (int, float)):
+    raise RunError(f"--calibrate: {run.checkpoint.path} has no fitted temperature (the run's "
+                   "results.json has none: an unfinished run, a checkpoint outside a run, or a "
+                   "run finished before calibration was added); drop --calibrate")
+  return float(temperature)
+
+
 def val_accuracy_line(run: Run, tta: str) -> str:
   """'val/accuracy A with|without TTA': results.json's figure when it is for this checkpoint's
   epoch and `tta` (the run's final evaluation, with its eval.tta), else the checkpoint's own,

@@ -1,0 +1,436 @@
+r"""Emotions over time in videos, with a trained run.
+
+  python -m fer.video --workdir=runs/strong_half --out=runs/clip clip.mp4
+  python -m fer.video --workdir=runs/strong_half --fps=2 --annotate --out=runs/clips videos/
+
+Each video (any container and codec OpenCV's FFmpeg reads: mp4, mov, avi, mkv, webm, ...;
+folders are searched recursively for the suffixes in VIDEO_SUFFIXES) is sampled at `--fps`
+frames per second of video time (0: every frame). The faces of each sampled frame are found,
+cropped and classified as fer.predict does (fer/faces.py; the run's eval.tta unless `--tta`;
+`--calibrate`). The "main face" of a frame is its largest one. `--out` gets, per video:
+
+  <name>.csv             one row per face per sampled frame: frame, time_s, face, box, emotion,
+                         probability and the 7 probabilities
+  <name>_timeline.png    the main face's probabilities over time (gaps where no face was found)
+  <name>_annotated.mp4   with --annotate: the sampled frames with boxes and labels, at --fps
+
+and summary.json: per video its frame rate, frames read and sampled, frames with a face, and
+for the main face the share of those frames each emotion was on top and its mean probabilities.
+A table of the same goes to stdout, progress to stderr. Files that are no readable video are
+reported one by one and the rest still run; a damaged or truncated video is used as far as it
+can be read, and says so. Exit status 1 when no face was classified, 2 when the run or
+checkpoint cannot be used, else 0.
+"""
+
+import os
+
+from fer import xla_flags
+
+xla_flags.configure_cpu_defaults()  # before jax starts its backend; a no-op off CPU
+# FFmpeg's own log lines ("moov atom not found") would repeat what the problems list says.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import csv
+import dataclasses
+import io
+import json
+import pathlib
+import sys
+import time
+from typing import Iterator, Sequence, TextIO
+
+from absl import app
+from absl import flags
+from absl import logging
+import cv2
+import numpy as np
+
+from fer import faces as faces_lib
+from fer import fileio
+from fer import plots
+from fer import predict
+from fer import runs
+from fer.datasets.fer2013 import CLASSES
+
+FLAGS = flags.FLAGS
+
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv",
+                  ".flv", ".3gp", ".ts")
+
+
+def define_flags():
+  """The flags, defined only when run as a command (the CLIs share flag names)."""
+  flags.DEFINE_string("workdir", None,
+                      "A trained run's workdir (its best checkpoint and config.json are used).")
+  flags.DEFINE_string("checkpoint", None,
+                      "A checkpoint folder (RUN/checkpoints/last/<epoch>) instead of the best "
+                      "one; its config is found above it, or in --workdir.")
+  flags.DEFINE_string("out", None, "Folder for the CSVs, timelines, annotated videos and "
+                      "summary.json.")
+  flags.DEFINE_float("fps", 5.0, "Frames sampled per second of video (0: every frame).")
+  flags.DEFINE_bool("annotate", False, "Also write each video's sampled frames with boxes and "
+                    "labels (<name>_annotated.mp4).")
+  flags.DEFINE_enum("tta", None, ["none", "flip", "tencrop"],
+                    "Test-time augmentation; default: the run's eval.tta.")
+  flags.DEFINE_float("margin", 0.1, "Context around a detected face, as a fraction of its "
+                     "box's side added on each side.")
+  flags.DEFINE_integer("min_face", 24, "Smallest face searched for, in pixels.")
+  flags.DEFINE_integer("batch_size", 256, "Faces per model call.")
+  flags.DEFINE_bool("calibrate", False, "Temperature-scale the probabilities with the run's "
+                    "temperature (fit on val at the end of training).")
+
+
+class VideoError(ValueError):
+  """A file OpenCV cannot read as a video; the message says why."""
+
+
+@dataclasses.dataclass
+class Face:
+  frame: int  # 0-based index of the frame in the video
+  time: float  # seconds from the start
+  face: int  # 1-based, left to right within its frame
+  box: faces_lib.Box
+  probs: np.ndarray  # [7], in CLASSES order
+
+  @property
+  def emotion(self) -> str:
+    return CLASSES[int(np.argmax(self.probs))]
+
+
+@dataclasses.dataclass
+class Video:
+  file: str
+  fps: float  # the video's own frame rate (0: its container does not say)
+  frames_read: int
+  frames_announced: int  # the frame count its container announces (0: none)
+  sampled: list[tuple[int, float]]  # (frame, time) of each sampled frame
+  faces: list[Face]
+  note: str = ""  # why fewer frames were read than announced
+
+  def main_faces(self) -> dict[int, Face]:
+    """The largest face of each sampled frame that has one, by frame."""
+    main = {}
+    for f in self.faces:
+      if f.frame not in main or f.box.w * f.box.h > main[f.frame].box.w * main[f.frame].box.h:
+        main[f.frame] = f
+    return main
+
+  def summary(self) -> dict:
+    main = list(self.main_faces().values())
+    probs = np.array([f.probs for f in main]).reshape(-1, len(CLASSES))
+    top = np.bincount(probs.argmax(-1), minlength=len(CLASSES)) / max(len(main), 1)
+    return {
+        "file": self.file, "fps": self.fps, "frames_read": self.frames_read,
+        "frames_announced": self.frames_announced, "frames_sampled": len(self.sampled),
+        "frames_with_face": len(main), "faces": len(self.faces),
+        "duration_s": self.frames_read / self.fps if self.fps else
+                      (self.sampled[-1][1] if self.sampled else 0.0),
+        "main_face_top_share": {c: float(t) for c, t in zip(CLASSES, top)},
+        "main_face_mean_probabilities": {c: float(p) for c, p in zip(
+            CLASSES, probs.mean(0) if len(main) else np.zeros(len(CLASSES)))},
+        "note": self.note,
+    }
+
+
+def find_videos(paths: Sequence[str]) -> tuple[list[str], list[predict.Problem]]:
+  """Each given file (whatever its name: OpenCV decides), and every file with a
+  VIDEO_SUFFIXES suffix under each given folder (recursively, sorted, hidden ones skipped)."""
+  files, problems = [], []
+  for p in paths:
+    path = pathlib.Path(p)
+    if path.is_dir():
+      found = []
+      for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if not f.startswith(".") and pathlib.Path(f).suffix.lower() in VIDEO_SUFFIXES]
+      if not found:
+        problems.append(predict.Problem(str(path), "no video in this folder or its subfolders "
+                                        f"(looked for {', '.join(VIDEO_SUFFIXES)})"))
+      files += found
+    elif path.exists():
+      files.append(str(path))
+    else:
+      problems.append(predict.Problem(str(path), "does not exist"))
+  return files, problems
+
+
+class Frames:
+  """The frames of a video sampled at `fps` per second of video time (0: all): iterate for
+  (frame index, time in s, BGR uint8 [H, W, 3]); afterwards `read` says how many frames were
+  decoded. Raises VideoError when the file does not open as a video."""
+
+  def __init__(self, path: str, fps: float):
+    if os.path.isdir(path):
+      raise VideoError("a folder, not a video")
+    self.capture = cv2.VideoCapture(str(path))
+    if not self.capture.isOpened():
+      raise VideoError(_unreadable(path))
+    self.path, self.sample_fps = path, fps
+    self.fps = float(self.capture.get(cv2.CAP_PROP_FPS) or 0.0)
+    self.fps = self.fps if np.isfinite(self.fps) and 0 < self.fps < 10_000 else 0.0
+    self.announced = max(0, int(self.capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0))
+    self.read = 0
+
+  def __iter__(self) -> Iterator[tuple[int, float, np.ndarray]]:
+    next_time, step = 0.0, 1.0 / self.sample_fps if self.sample_fps > 0 else 0.0
+    try:
+      while True:
+        ok, frame = self.capture.read()
+        if not ok or frame is None:
+          return
+        index = self.read
+        self.read += 1
+        t = (index / self.fps if self.fps else
+             self.capture.get(cv2.CAP_PROP_POS_MSEC) / 1000.0)
+        if not step:
+          yield index, t, frame
+        elif t + 1e-9 >= next_time:
+          while next_time <= t + 1e-9:
+            next_time += step
+          yield index, t, frame
+    finally:
+      self.capture.release()
+
+  def note(self) -> str:
+    if self.announced and self.read < self.announced:
+      return (f"read {self.read} of the {self.announced} frames its header announces (damaged "
+              f"or truncated?): the {self.read} read are used")
+    return ""
+
+
+def _unreadable(path) -> str:
+  size = os.path.getsize(path) if os.path.isfile(path) else -1
+  if size == 0:
+    return "unreadable (empty file)"
+  return ("not a video OpenCV can read (an unknown or damaged container or codec; OpenCV "
+          f"{cv2.__version__} reads what its FFmpeg build decodes)")
+
+
+def grey_frame(bgr: np.ndarray) -> np.ndarray:
+  """uint8 [H, W]: ITU-R 601 luma, the weights of PIL's "L" the training data was made with."""
+  return cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY) if bgr.ndim == 3 else bgr
+
+
+class Progress:
+  """'video k/n, frame i/N, faces, frames/s, ETA' lines on `stream`, every `every_seconds`."""
+
+  def __init__(self, total_videos: int, stream: TextIO | None = sys.stderr,
+               every_seconds: float = 2.0):
+    self.total, self.stream, self.every = total_videos, stream, every_seconds
+    self.last = time.perf_counter()
+
+  def update(self, k: int, frames: Frames, faces: int, started: float):
+    now = time.perf_counter()
+    if self.stream is None or now - self.last < self.every:
+      return
+    self.last = now
+    rate = frames.read / max(now - started, 1e-9)
+    total = f"/{frames.announced}" if frames.announced else ""
+    eta = (f", ETA {int((frames.announced - frames.read) / max(rate, 1e-9))} s"
+           if frames.announced else "")
+    print(f"  [video {k}/{self.total}] {os.path.basename(frames.path)}: frame "
+          f"{frames.read}{total}, {faces} faces, {rate:.0f} frames/s{eta}", file=self.stream,
+          flush=True)
+
+
+def predict_videos(run: runs.Run, paths: Sequence[str], detector=None, fps: float = 5.0,
+                   margin: float = 0.1, tta: str | None = None, batch_size: int = 256,
+                   temperature: float | None = None,
+                   progress_stream: TextIO | None = sys.stderr,
+                   progress_every_seconds: float = 2.0) -> tuple[list[Video], list[predict.Problem]]:
+  """Every face in the sampled frames of the videos in `paths` (files and folders), classified
+  with `run`'s model. `detector` (detect(grey) -> [Box], left to right) finds the faces;
+  None: fer.faces.FaceDetector()."""
+  detector = detector or faces_lib.FaceDetector()
+  tta = tta or run.config.eval.get("tta", "none")
+  classify = predict.make_classifier(run, tta, batch_size)
+  files, problems = find_videos(paths)
+  progress = Progress(len(files), progress_stream, progress_every_seconds)
+  videos = []
+  for k, file in enumerate(files, 1):
+    try:
+      frames = Frames(file, fps)
+    except VideoError as e:
+      problems.append(predict.Problem(file, str(e)))
+      continue
+    crops, where, sampled, started = [], [], [], time.perf_counter()
+    for index, t, frame in frames:
+      grey = grey_frame(frame)
+      sampled.append((index, t))
+      for j, box in enumerate(detector.detect(grey), 1):
+        crops.append(faces_lib.crop_face(grey, box, margin))
+        where.append((index, t, j, box))
+      progress.update(k, frames, len(crops), started)
+    if not frames.read:
+      problems.append(predict.Problem(file, "no frame could be decoded (a damaged video, or a "
+                                      "codec this OpenCV build lacks)"))
+      continue
+    probs = classify(np.stack(crops)) if crops else np.zeros((0, len(CLASSES)))
+    if temperature and len(probs):
+      from fer import metrics  # pylint: disable=import-outside-toplevel
+      probs = metrics.apply_temperature(probs, temperature)
+    found = [Face(i, t, j, box, np.asarray(p, np.float64))
+             for (i, t, j, box), p in zip(where, probs)]
+    videos.append(Video(file, frames.fps, frames.read, frames.announced, sampled, found,
+                        frames.note()))
+  return videos, problems
+
+
+# ----------------------------------------------------------------------------- outputs
+
+CSV_COLUMNS = ("frame", "time_s", "face", "x", "y", "width", "height", "emotion", "probability",
+               *CLASSES)
+
+
+def to_csv(video: Video) -> str:
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator="\n")
+  writer.writerow(CSV_COLUMNS)
+  for f in video.faces:
+    writer.writerow([f.frame, f"{f.time:.3f}", f.face, *f.box, f.emotion,
+                     f"{float(np.max(f.probs)):.6f}", *(f"{p:.6f}" for p in f.probs)])
+  return out.getvalue()
+
+
+def timeline(video: Video, path) -> pathlib.Path:
+  """The main face's probabilities over the sampled frames' times (NaN: no face)."""
+  main = video.main_faces()
+  times = np.array([t for _, t in video.sampled])
+  probs = np.array([main[i].probs if i in main else np.full(len(CLASSES), np.nan)
+                    for i, _ in video.sampled])
+  return plots.emotion_timeline(times, probs, CLASSES, path,
+                                title=f"{os.path.basename(video.file)}: the largest face")
+
+
+def annotate(video: Video, path, fps: float) -> pathlib.Path:
+  """The video's sampled frames (read again) with boxes and labels, as mp4 at `fps` (the
+  video's own rate when every frame was sampled), written atomically."""
+  by_frame: dict[int, list[Face]] = {}
+  for f in video.faces:
+    by_frame.setdefault(f.frame, []).append(f)
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+  rate = fps if fps > 0 else (video.fps or 25.0)
+  writer, wanted = None, {i for i, _ in video.sampled}
+  try:
+    for index, _, frame in Frames(video.file, 0):
+      if index not in wanted:
+        continue
+      if writer is None:
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), rate,
+                                 (frame.shape[1], frame.shape[0]))
+        if not writer.isOpened():
+          raise OSError(f"cannot write {path}: OpenCV's mp4v writer did not open")
+      rgb = np.ascontiguousarray(frame[..., ::-1])
+      predict.draw_faces(rgb, [(f.box, f"{f.emotion} {float(np.max(f.probs)):.2f}")
+                               for f in by_frame.get(index, [])])
+      writer.write(np.ascontiguousarray(rgb[..., ::-1]))
+    if writer is None:
+      raise OSError(f"cannot write {path}: no frame of {video.file} could be read again")
+    writer.release()
+    writer = None
+    os.replace(tmp, path)
+  finally:
+    if writer is not None:
+      writer.release()
+    if tmp.exists():
+      tmp.unlink()
+  return path
+
+
+def output_names(files: Sequence[str]) -> dict[str, str]:
+  """A distinct output name per video: its stem, with _1, _2, ... where stems repeat."""
+  names, used = {}, set()
+  for file in files:
+    stem, k = pathlib.Path(file).stem, 1
+    name = stem
+    while name.lower() in used:
+      name, k = f"{stem}_{k}", k + 1
+    used.add(name.lower())
+    names[file] = name
+  return names
+
+
+def write_outputs(videos: Sequence[Video], problems: Sequence[predict.Problem], out_dir,
+                  fps: float, with_annotations: bool = False, extra: dict | None = None):
+  """Per video <name>.csv, <name>_timeline.png (and <name>_annotated.mp4), and summary.json,
+  into out_dir. Returns summary.json's content."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  names = output_names([v.file for v in videos])
+  summaries, problems = [], list(problems)
+  for v in videos:
+    name = names[v.file]
+    fileio.write_text_atomic(out / f"{name}.csv", to_csv(v))
+    timeline(v, out / f"{name}_timeline.png")
+    s = v.summary() | {"csv": f"{name}.csv", "timeline": f"{name}_timeline.png"}
+    if with_annotations:
+      try:
+        annotate(v, out / f"{name}_annotated.mp4", fps)
+        s["annotated"] = f"{name}_annotated.mp4"
+      except OSError as e:
+        problems.append(predict.Problem(v.file, f"no annotated video: {e}"))
+    summaries.append(s)
+  summary = (extra or {}) | {
+      "classes": list(CLASSES), "sample_fps": fps, "videos": summaries,
+      "problems": [dataclasses.asdict(p) for p in problems]}
+  fileio.write_json_atomic(out / "summary.json", summary)
+  return summary
+
+
+def to_table(summary: dict) -> str:
+  lines = []
+  for s in summary["videos"]:
+    shares = sorted(s["main_face_top_share"].items(), key=lambda kv: -kv[1])
+    top = ", ".join(f"{c} {v:.0%}" for c, v in shares if v > 0) or "-"
+    lines.append(f"{s['file']}: {s['duration_s']:.1f} s, {s['frames_sampled']} frames sampled "
+                 f"of {s['frames_read']}, a face in {s['frames_with_face']}; main face: {top}")
+    if s["note"]:
+      lines.append(f"  note: {s['note']}")
+  for p in summary["problems"]:
+    lines.append(f"{p['file']}: {p['problem']}")
+  faces = sum(s["faces"] for s in summary["videos"])
+  lines.append(f"{faces} faces in {len(summary['videos'])} videos; {len(summary['problems'])} "
+               f"problems (TTA {summary.get('tta', '?')}).")
+  return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv):
+  logging.set_verbosity(logging.ERROR)
+  paths = argv[1:]
+  if not paths:
+    raise app.UsageError("Name one or more video files or folders.")
+  if not FLAGS.out:
+    raise app.UsageError("--out: the folder for the CSVs, timelines and summary.json.")
+  if FLAGS.fps < 0:
+    raise app.UsageError(f"--fps={FLAGS.fps}: frames per second to sample, > 0 (0: every frame)")
+  try:
+    run = runs.load_for_cli(FLAGS.workdir, FLAGS.checkpoint)
+    detector = faces_lib.FaceDetector(min_size=FLAGS.min_face)
+    temperature = runs.calibration_temperature(run) if FLAGS.calibrate else None
+  except (runs.RunError, RuntimeError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  tta = FLAGS.tta or run.config.eval.get("tta", "none")
+  print(f"Model: {run.checkpoint.path} (epoch {run.checkpoint.epoch}, "
+        f"{runs.val_accuracy_line(run, tta)})", file=sys.stderr, flush=True)
+  videos, problems = predict_videos(run, paths, detector, FLAGS.fps, FLAGS.margin, tta,
+                                    FLAGS.batch_size, temperature)
+  summary = write_outputs(videos, problems, FLAGS.out, FLAGS.fps, FLAGS.annotate, {
+      "checkpoint": str(run.checkpoint.path), "tta": tta, "temperature": temperature})
+  sys.stdout.write(to_table(summary))
+  print(f"Wrote {FLAGS.out}", file=sys.stderr)
+  if not any(v.faces for v in videos):
+    print("error: no face found in the videos given", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
