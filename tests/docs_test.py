@@ -1,7 +1,8 @@
-"""The commands written in the README, in the docstrings of configs/, experiments/ and fer/, and
-in each committed run's run.json are commands that run: the module or script exists, every
-flag is one it defines, every --config file loads with its `:arg`, and every --config.a.b
-override names a key of that config. Paths of this repository named in the README exist."""
+"""The commands written in the README, in the code and notes of configs/, experiments/ and fer/
+(their .py, .md, .txt and .sh files), and in each committed run's run.json are commands that
+run: the module or script exists, every flag is one it defines, every --config file loads with
+its `:arg`, and every --config.a.b override names a key of that config. Paths of this
+repository named in the README exist."""
 
 import importlib.util
 import json
@@ -90,8 +91,10 @@ def command_problems(text, where):
 
 def _documents():
   yield "README.md", (ROOT / "README.md").read_text()
-  for folder in ("configs", "experiments", "fer"):
-    for path in sorted((ROOT / folder).rglob("*.py")):
+  for folder, pattern in (("configs", "*.py"), ("experiments", "*.py"), ("fer", "*.py"),
+                          ("experiments", "*.md"), ("experiments", "*.txt"),
+                          ("experiments", "*.sh")):
+    for path in sorted((ROOT / folder).rglob(pattern)):
       yield str(path.relative_to(ROOT)), path.read_text()
   for path in sorted((ROOT / "experiments" / "results").glob("*/run.json")):
     command = json.loads(path.read_text()).get("command")
