@@ -407,6 +407,11 @@ def main(argv):
     raise app.UsageError("Name one or more video files or folders.")
   if not FLAGS.out:
     raise app.UsageError("--out: the folder for the CSVs, timelines and summary.json.")
+  out = pathlib.Path(FLAGS.out).resolve()
+  for p in paths:
+    if pathlib.Path(p).is_dir() and out.is_relative_to(pathlib.Path(p).resolve()):
+      raise app.UsageError(f"--out={FLAGS.out} lies inside the input folder {p}: its annotated "
+                           "videos would be read as input next time; choose a folder outside it")
   if FLAGS.fps < 0:
     raise app.UsageError(f"--fps={FLAGS.fps}: frames per second to sample, > 0 (0: every frame)")
   try:

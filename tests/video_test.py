@@ -192,5 +192,8 @@ def test_cli(tmp_path, clip, run):
   none = trained_run.run_module("fer.video", f"--workdir={workdir}",
                                 f"--out={tmp_path / 'out2'}", flat)
   assert none.returncode == 1 and "no face found in the videos" in none.stderr
+  inside = trained_run.run_module("fer.video", f"--workdir={workdir}",
+                                  f"--out={tmp_path / 'out3'}", tmp_path)
+  assert inside.returncode == 1 and "lies inside the input folder" in inside.stderr
   bad = trained_run.run_module("fer.video", f"--workdir={tmp_path}", f"--out={tmp_path}", clip)
   assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
