@@ -58,6 +58,8 @@ FLAGS = flags.FLAGS
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv",
                   ".flv", ".3gp", ".ts")
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
 
 def define_flags():
   """The flags, defined only when run as a command (the CLIs share flag names)."""
@@ -164,6 +166,8 @@ class Frames:
   def __init__(self, path: str, fps: float):
     if os.path.isdir(path):
       raise VideoError("a folder, not a video")
+    if pathlib.Path(path).suffix.lower() in IMAGE_SUFFIXES:  # FFmpeg would take it as 1 frame
+      raise VideoError("an image, not a video: for photos, python -m fer.predict")
     self.capture = cv2.VideoCapture(str(path))
     if not self.capture.isOpened():
       raise VideoError(_unreadable(path))

@@ -158,18 +158,21 @@ def test_outputs_csv_timeline_summary_and_annotated_video(tmp_path, clip, run):
 def test_damaged_and_odd_files_are_reported_and_the_rest_runs(tmp_path, clip, run):
   (tmp_path / "notes.mp4").write_text("not a video")
   (tmp_path / "empty.mov").write_bytes(b"")
+  cv2.imwrite(str(tmp_path / "photo.jpg"), _frames(np.zeros((48, 48, 1), np.uint8), n=1)[0])
   data = clip.read_bytes()
   (tmp_path / "cut.avi").write_bytes(data[:len(data) // 2])
   (tmp_path / "nothing").mkdir()
   (tmp_path / "nothing" / "readme.txt").write_text("x")
   videos, problems = video.predict_videos(
-      run, [clip, tmp_path / "notes.mp4", tmp_path / "empty.mov", tmp_path / "cut.avi",
+      run, [clip, tmp_path / "notes.mp4", tmp_path / "empty.mov", tmp_path / "photo.jpg",
+            tmp_path / "cut.avi",
             tmp_path / "missing.mp4", tmp_path / "nothing"],
       FakeDetector([faces.Box(20, 40, 144, 144)]), fps=0, progress_stream=None)
   why = {p.file.rsplit("/", 1)[-1]: p.problem for p in problems}
   assert why["notes.mp4"].startswith("not a video OpenCV can read")
   assert why["empty.mov"] == "unreadable (empty file)"
   assert why["missing.mp4"] == "does not exist"
+  assert why["photo.jpg"] == "an image, not a video: for photos, python -m fer.predict"
   assert why["nothing"].startswith("no video in this folder")
   assert [v.file.rsplit("/", 1)[-1] for v in videos] == ["clip.avi", "cut.avi"]
   cut = videos[1]
