@@ -7,15 +7,18 @@ Each video (any container and codec OpenCV's FFmpeg reads: mp4, mov, avi, mkv, w
 folders are searched recursively for the suffixes in VIDEO_SUFFIXES) is sampled at `--fps`
 frames per second of video time (0: every frame). The faces of each sampled frame are found,
 cropped and classified as fer.predict does (fer/faces.py; the run's eval.tta unless `--tta`;
-`--calibrate`). The "main face" of a frame is its largest one. `--out` gets, per video:
+`--calibrate`), and followed from frame to frame: a face continues the track of the face it
+overlaps most in the frames of the last `--track_gap_s` seconds (track_faces). The "main
+track" is the one seen in the most sampled frames. `--out` gets, per video:
 
-  <name>.csv             one row per face per sampled frame: frame, time_s, face, box, emotion,
-                         probability and the 7 probabilities
-  <name>_timeline.png    the main face's probabilities over time (gaps where no face was found)
+  <name>.csv             one row per face per sampled frame: frame, time_s, face, track, box,
+                         emotion, probability and the 7 probabilities
+  <name>_timeline.png    the main track's probabilities over time (gaps where it was not seen)
   <name>_annotated.mp4   with --annotate: the sampled frames with boxes and labels, at --fps
 
 and summary.json: per video its frame rate, frames read and sampled, frames with a face, and
-for the main face the share of those frames each emotion was on top and its mean probabilities.
+per track (the main one first in its own keys) the frames it was seen in, the share of them
+each emotion was on top, and its mean probabilities.
 A table of the same goes to stdout, progress to stderr. Files that are no readable video are
 reported one by one and the rest still run; a damaged or truncated video is used as far as it
 can be read, and says so. Exit status 1 when no face was classified, 2 when the run or
@@ -79,6 +82,8 @@ def define_flags():
                      "box's side added on each side.")
   flags.DEFINE_integer("min_face", 24, "Smallest face searched for, in pixels.")
   flags.DEFINE_integer("batch_size", 256, "Faces per model call.")
+  flags.DEFINE_float("track_gap_s", 1.0, "A face unseen for longer than this many seconds "
+                     "starts a new track when it is seen again.")
   flags.DEFINE_bool("calibrate", False, "Temperature-scale the probabilities with the run's "
                     "temperature (fit on val at the end of training).")
 
@@ -94,10 +99,43 @@ class Face:
   face: int  # 1-based, left to right within its frame
   box: faces_lib.Box
   probs: np.ndarray  # [7], in CLASSES order
+  track: int = 0  # 1-based: the same person across frames (track_faces)
 
   @property
   def emotion(self) -> str:
     return CLASSES[int(np.argmax(self.probs))]
+
+
+def _iou(a: faces_lib.Box, b: faces_lib.Box) -> float:
+  w = min(a.x + a.w, b.x + b.w) - max(a.x, b.x)
+  h = min(a.y + a.h, b.y + b.h) - max(a.y, b.y)
+  inter = max(w, 0) * max(h, 0)
+  return inter / (a.w * a.h + b.w * b.h - inter) if inter else 0.0
+
+
+def track_faces(found: Sequence[Face], max_gap_s: float = 1.0, min_iou: float = 0.3):
+  """Sets each face's `track`: frame by frame, each face continues the track whose last box it
+  overlaps most (intersection over union >= min_iou; pairs taken greedily, best first) among
+  the tracks seen in the last max_gap_s seconds; the others start new tracks."""
+  by_frame: dict[int, list[Face]] = {}
+  for f in found:
+    by_frame.setdefault(f.frame, []).append(f)
+  last: dict[int, Face] = {}  # track -> its latest face
+  for frame in sorted(by_frame):
+    here = by_frame[frame]
+    t = here[0].time
+    pairs = sorted(((_iou(f.box, g.box), i, k) for i, f in enumerate(here)
+                    for k, g in last.items() if t - g.time <= max_gap_s + 1e-9), reverse=True)
+    taken_faces, taken_tracks = set(), set()
+    for iou, i, k in pairs:
+      if iou >= min_iou and i not in taken_faces and k not in taken_tracks:
+        here[i].track = k
+        taken_faces.add(i)
+        taken_tracks.add(k)
+    for i, f in enumerate(here):
+      if i not in taken_faces:
+        f.track = len(last) + 1
+      last[f.track] = f
 
 
 @dataclasses.dataclass
@@ -107,30 +145,45 @@ class Video:
   frames_read: int
   frames_announced: int  # the frame count its container announces (0: none)
   sampled: list[tuple[int, float]]  # (frame, time) of each sampled frame
-  faces: list[Face]
+  faces: list[Face]  # tracked (track_faces)
   note: str = ""  # why fewer frames were read than announced
 
-  def main_faces(self) -> dict[int, Face]:
-    """The largest face of each sampled frame that has one, by frame."""
-    main = {}
+  def tracks(self) -> dict[int, list[Face]]:
+    out: dict[int, list[Face]] = {}
     for f in self.faces:
-      if f.frame not in main or f.box.w * f.box.h > main[f.frame].box.w * main[f.frame].box.h:
-        main[f.frame] = f
-    return main
+      out.setdefault(f.track, []).append(f)
+    return dict(sorted(out.items()))
+
+  def main_track(self) -> int:
+    """The track seen in the most sampled frames (ties: the larger faces); 0: no face."""
+    tracks = self.tracks()
+    return max(tracks, key=lambda k: (len(tracks[k]), np.mean([f.box.w * f.box.h
+                                                                 for f in tracks[k]])),
+               default=0)
+
+  def main_faces(self) -> dict[int, Face]:
+    """The main track's face in each sampled frame it is seen in, by frame."""
+    return {f.frame: f for f in self.tracks().get(self.main_track(), [])}
 
   def summary(self) -> dict:
+    def stats(faces):
+      probs = np.array([f.probs for f in faces]).reshape(-1, len(CLASSES))
+      top = np.bincount(probs.argmax(-1), minlength=len(CLASSES)) / max(len(faces), 1)
+      return {"top_share": {c: float(t) for c, t in zip(CLASSES, top)},
+              "mean_probabilities": {c: float(p) for c, p in zip(
+                  CLASSES, probs.mean(0) if len(faces) else np.zeros(len(CLASSES)))}}
+
     main = list(self.main_faces().values())
-    probs = np.array([f.probs for f in main]).reshape(-1, len(CLASSES))
-    top = np.bincount(probs.argmax(-1), minlength=len(CLASSES)) / max(len(main), 1)
     return {
         "file": self.file, "fps": self.fps, "frames_read": self.frames_read,
         "frames_announced": self.frames_announced, "frames_sampled": len(self.sampled),
-        "frames_with_face": len(main), "faces": len(self.faces),
+        "frames_with_face": len({f.frame for f in self.faces}), "faces": len(self.faces),
         "duration_s": self.frames_read / self.fps if self.fps else
                       (self.sampled[-1][1] if self.sampled else 0.0),
-        "main_face_top_share": {c: float(t) for c, t in zip(CLASSES, top)},
-        "main_face_mean_probabilities": {c: float(p) for c, p in zip(
-            CLASSES, probs.mean(0) if len(main) else np.zeros(len(CLASSES)))},
+        "main_track": self.main_track(), "main_track_frames": len(main),
+        **{f"main_track_{k}": v for k, v in stats(main).items()},
+        "tracks": [{"track": k, "frames": len(fs), "first_s": fs[0].time, "last_s": fs[-1].time,
+                    **stats(fs)} for k, fs in self.tracks().items()],
         "note": self.note,
     }
 
@@ -243,10 +296,11 @@ def predict_videos(run: runs.Run, paths: Sequence[str], detector=None, fps: floa
                    margin: float = 0.1, tta: str | None = None, batch_size: int = 256,
                    temperature: float | None = None,
                    progress_stream: TextIO | None = sys.stderr,
-                   progress_every_seconds: float = 2.0) -> tuple[list[Video], list[predict.Problem]]:
+                   progress_every_seconds: float = 2.0,
+                   track_gap_s: float = 1.0) -> tuple[list[Video], list[predict.Problem]]:
   """Every face in the sampled frames of the videos in `paths` (files and folders), classified
-  with `run`'s model. `detector` (detect(grey) -> [Box], left to right) finds the faces;
-  None: fer.faces.FaceDetector()."""
+  with `run`'s model and tracked (track_faces, with max_gap_s=track_gap_s). `detector`
+  (detect(grey) -> [Box], left to right) finds the faces; None: fer.faces.FaceDetector()."""
   detector = detector or faces_lib.FaceDetector()
   tta = tta or run.config.eval.get("tta", "none")
   classify = predict.make_classifier(run, tta, batch_size)
@@ -277,6 +331,7 @@ def predict_videos(run: runs.Run, paths: Sequence[str], detector=None, fps: floa
       probs = metrics.apply_temperature(probs, temperature)
     found = [Face(i, t, j, box, np.asarray(p, np.float64))
              for (i, t, j, box), p in zip(where, probs)]
+    track_faces(found, track_gap_s)
     videos.append(Video(file, frames.fps, frames.read, frames.announced, sampled, found,
                         frames.note()))
   return videos, problems
@@ -284,7 +339,7 @@ def predict_videos(run: runs.Run, paths: Sequence[str], detector=None, fps: floa
 
 # ----------------------------------------------------------------------------- outputs
 
-CSV_COLUMNS = ("frame", "time_s", "face", "x", "y", "width", "height", "emotion", "probability",
+CSV_COLUMNS = ("frame", "time_s", "face", "track", "x", "y", "width", "height", "emotion", "probability",
                *CLASSES)
 
 
@@ -293,19 +348,20 @@ def to_csv(video: Video) -> str:
   writer = csv.writer(out, lineterminator="\n")
   writer.writerow(CSV_COLUMNS)
   for f in video.faces:
-    writer.writerow([f.frame, f"{f.time:.3f}", f.face, *f.box, f.emotion,
+    writer.writerow([f.frame, f"{f.time:.3f}", f.face, f.track, *f.box, f.emotion,
                      f"{float(np.max(f.probs)):.6f}", *(f"{p:.6f}" for p in f.probs)])
   return out.getvalue()
 
 
 def timeline(video: Video, path) -> pathlib.Path:
-  """The main face's probabilities over the sampled frames' times (NaN: no face)."""
+  """The main track's probabilities over the sampled frames' times (NaN: not seen)."""
   main = video.main_faces()
   times = np.array([t for _, t in video.sampled])
   probs = np.array([main[i].probs if i in main else np.full(len(CLASSES), np.nan)
                     for i, _ in video.sampled])
-  return plots.emotion_timeline(times, probs, CLASSES, path,
-                                title=f"{os.path.basename(video.file)}: the largest face")
+  return plots.emotion_timeline(
+      times, probs, CLASSES, path, title=f"{os.path.basename(video.file)}: face track "
+      f"{video.main_track()}, seen in {len(main)} of {len(times)} sampled frames")
 
 
 def annotate(video: Video, path, fps: float) -> pathlib.Path:
@@ -328,7 +384,7 @@ def annotate(video: Video, path, fps: float) -> pathlib.Path:
         if not writer.isOpened():
           raise OSError(f"cannot write {path}: OpenCV's mp4v writer did not open")
       rgb = np.ascontiguousarray(frame[..., ::-1])
-      predict.draw_faces(rgb, [(f.box, f"{f.emotion} {float(np.max(f.probs)):.2f}")
+      predict.draw_faces(rgb, [(f.box, f"{f.track}: {f.emotion} {float(np.max(f.probs)):.2f}")
                                for f in by_frame.get(index, [])])
       writer.write(np.ascontiguousarray(rgb[..., ::-1]))
     if writer is None:
@@ -384,20 +440,26 @@ def write_outputs(videos: Sequence[Video], problems: Sequence[predict.Problem], 
   return summary
 
 
+def _count(n: int, noun: str) -> str:
+  return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def to_table(summary: dict) -> str:
   lines = []
   for s in summary["videos"]:
-    shares = sorted(s["main_face_top_share"].items(), key=lambda kv: -kv[1])
+    shares = sorted(s["main_track_top_share"].items(), key=lambda kv: -kv[1])
     top = ", ".join(f"{c} {v:.0%}" for c, v in shares if v > 0) or "-"
     lines.append(f"{s['file']}: {s['duration_s']:.1f} s, {s['frames_sampled']} frames sampled "
-                 f"of {s['frames_read']}, a face in {s['frames_with_face']}; main face: {top}")
+                 f"of {s['frames_read']}, a face in {s['frames_with_face']}, "
+                 f"{_count(len(s['tracks']), 'face track')}; the main one (in "
+                 f"{s['main_track_frames']} frames): {top}")
     if s["note"]:
       lines.append(f"  note: {s['note']}")
   for p in summary["problems"]:
     lines.append(f"{p['file']}: {p['problem']}")
   faces = sum(s["faces"] for s in summary["videos"])
-  lines.append(f"{faces} faces in {len(summary['videos'])} videos; {len(summary['problems'])} "
-               f"problems (TTA {summary.get('tta', '?')}).")
+  lines.append(f"{_count(faces, 'face')} in {_count(len(summary['videos']), 'video')}; "
+               f"{_count(len(summary['problems']), 'problem')} (TTA {summary.get('tta', '?')}).")
   return "\n".join(lines) + "\n"
 
 
@@ -429,7 +491,8 @@ def main(argv):
   print(f"Model: {run.checkpoint.path} (epoch {run.checkpoint.epoch}, "
         f"{runs.val_accuracy_line(run, tta)})", file=sys.stderr, flush=True)
   videos, problems = predict_videos(run, paths, detector, FLAGS.fps, FLAGS.margin, tta,
-                                    FLAGS.batch_size, temperature)
+                                    FLAGS.batch_size, temperature,
+                                    track_gap_s=FLAGS.track_gap_s)
   summary = write_outputs(videos, problems, FLAGS.out, FLAGS.fps, FLAGS.annotate, {
       "checkpoint": str(run.checkpoint.path), "tta": tta, "temperature": temperature})
   sys.stdout.write(to_table(summary))

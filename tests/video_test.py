@@ -105,12 +105,45 @@ def test_faces_of_sampled_frames_are_classified_as_the_model_does(clip, run):
   np.testing.assert_allclose(np.stack([f.probs for f in v.faces]), expected, atol=1e-5)
   main = v.main_faces()
   assert sorted(main) == list(range(0, 20, 2)) and all(f.face == 1 for f in main.values())
+  assert [f.track for f in v.faces] == [1, 2] * 10  # the larger box is track 1, the main one
   s = v.summary()
   assert s["frames_sampled"] == s["frames_with_face"] == 10 and s["faces"] == 20
   assert s["duration_s"] == pytest.approx(2.0)
-  assert sum(s["main_face_top_share"].values()) == pytest.approx(1.0)
+  assert sum(s["main_track_top_share"].values()) == pytest.approx(1.0)
+  assert s["main_track"] == 1 and [t["frames"] for t in s["tracks"]] == [10, 10]
   top = np.bincount([int(np.argmax(main[i].probs)) for i in main], minlength=7) / 10
-  assert [s["main_face_top_share"][c] for c in CLASSES] == pytest.approx(top)
+  assert [s["main_track_top_share"][c] for c in CLASSES] == pytest.approx(top)
+
+
+def _face(frame, x, y, side=50):
+  return video.Face(frame, frame * 0.2, 0, faces.Box(x, y, side, side), np.eye(7)[frame % 7])
+
+
+def test_tracks_follow_faces_across_frames_and_gaps():
+  found = []
+  for i in range(10):  # A moves right above B, which moves left: their left-right order swaps
+    here = [_face(i, 10 + 15 * i, 10), _face(i, 165 - 15 * i, 200)]
+    if i <= 2 or i == 9:  # C: seen at 0-0.4 s, then again at 1.8 s
+      here.append(_face(i, 500, 10))
+    if i == 5:  # D: where A was 4 frames ago, too far from A's last box to continue it
+      here.append(_face(i, 25, 10))
+    here.sort(key=lambda f: f.box.x)
+    for j, f in enumerate(here, 1):
+      f.face = j
+    found += here
+  video.track_faces(found, max_gap_s=1.0)
+  track = lambda x, y, i: next(f.track for f in found if f.frame == i and f.box[:2] == (x, y))
+  assert {track(10 + 15 * i, 10, i) for i in range(10)} == {1}
+  assert {track(165 - 15 * i, 200, i) for i in range(10)} == {2}
+  assert track(500, 10, 0) == track(500, 10, 2) == 3 and track(500, 10, 9) == 5
+  assert track(25, 10, 5) == 4
+  assert [f.face for f in found if f.track == 1][:7] == [1, 1, 1, 1, 1, 2, 2]  # D, then B left
+  for f in found:
+    f.track = 0
+  video.track_faces(found, max_gap_s=2.0)  # the gap of C is bridged
+  assert track(500, 10, 9) == 3
+  v = video.Video("v", 5.0, 10, 10, [(i, i * 0.2) for i in range(10)], found)
+  assert v.main_track() == 1 and [t["frames"] for t in v.summary()["tracks"]] == [10, 10, 4, 1]
 
 
 def test_the_real_detector_follows_the_moving_face(clip, run):
@@ -151,7 +184,8 @@ def test_outputs_csv_timeline_summary_and_annotated_video(tmp_path, clip, run):
   assert abs(r - 70) < 10 and abs(g - 70) < 10 and abs(b - 70) < 10, (b, g, r)
   assert not list(out.glob(".*")), "temporary files left"
   table = video.to_table(summary)
-  assert f"{clip}: 2.0 s, 10 frames sampled of 20, a face in 10; main face: " in table
+  assert (f"{clip}: 2.0 s, 10 frames sampled of 20, a face in 10, 1 face track; the main one "
+          "(in 10 frames): ") in table
   assert table.endswith("13 faces in 2 videos; 0 problems (TTA ?).\n"), table
 
 
@@ -188,8 +222,9 @@ def test_cli(tmp_path, clip, run):
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads((tmp_path / "out" / "summary.json").read_text())
   assert summary["videos"][0]["frames_with_face"] >= 8
+  assert summary["videos"][0]["main_track_frames"] >= 8  # one face, one track
   assert (tmp_path / "out" / "clip_annotated.mp4").is_file()
-  assert "1 problems" in proc.stdout and "missing.mp4: does not exist" in proc.stdout
+  assert "1 problem (" in proc.stdout and "missing.mp4: does not exist" in proc.stdout
   assert "Model: " in proc.stderr and "moov" not in proc.stderr
   flat = _write(tmp_path / "flat.avi", [np.full((120, 160, 3), 90, np.uint8)] * 4)
   none = trained_run.run_module("fer.video", f"--workdir={workdir}",
