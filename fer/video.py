@@ -285,8 +285,8 @@ class Progress:
     self.last = now
     rate = frames.read / max(now - started, 1e-9)
     total = f"/{frames.announced}" if frames.announced else ""
-    eta = (f", ETA {int((frames.announced - frames.read) / max(rate, 1e-9))} s"
-           if frames.announced else "")
+    left = frames.announced - frames.read
+    eta = f", ETA {int(left / max(rate, 1e-9))} s" if left > 0 else ""
     print(f"  [video {k}/{self.total}] {os.path.basename(frames.path)}: frame "
           f"{frames.read}{total}, {faces} faces, {rate:.0f} frames/s{eta}", file=self.stream,
           flush=True)
