@@ -49,20 +49,14 @@ from fer.datasets.fer2013 import CLASSES
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-  """The flags, defined only when run as a command (the CLIs share flag names)."""
+def define_model_flags():
+  """The flags of the commands that find and classify faces with a trained run (this one and
+  fer.video)."""
   flags.DEFINE_string("workdir", None,
                       "A trained run's workdir (its best checkpoint and config.json are used).")
   flags.DEFINE_string("checkpoint", None,
                       "A checkpoint folder (RUN/checkpoints/last/<epoch>) instead of the best "
                       "one; its config is found above it, or in --workdir.")
-  flags.DEFINE_bool("no_detect", False, "Take each image as an already cropped face.")
-  flags.DEFINE_enum("format", "table", ["table", "json", "csv"], "Output format.")
-  flags.DEFINE_string("output", None,
-                      "Write the --format json/csv output (default: by the name's suffix) to "
-                      "this file, atomically, and print the table.")
-  flags.DEFINE_string("annotate", None,
-                      "Write a copy of each image with boxes and labels drawn into this folder.")
   flags.DEFINE_enum("tta", None, ["none", "flip", "tencrop"],
                     "Test-time augmentation; default: the run's eval.tta.")
   flags.DEFINE_float("margin", 0.1, "Context around a detected face, as a fraction of its "
@@ -72,6 +66,18 @@ def define_flags():
   flags.DEFINE_bool("calibrate", False, "Temperature-scale the probabilities with the run's "
                     "temperature (fit on val at the end of training; results.json): "
                     "confidences that match accuracy. The predicted emotions stay the same.")
+
+
+def define_flags():
+  """The flags, defined only when run as a command (the CLIs share flag names)."""
+  define_model_flags()
+  flags.DEFINE_bool("no_detect", False, "Take each image as an already cropped face.")
+  flags.DEFINE_enum("format", "table", ["table", "json", "csv"], "Output format.")
+  flags.DEFINE_string("output", None,
+                      "Write the --format json/csv output (default: by the name's suffix) to "
+                      "this file, atomically, and print the table.")
+  flags.DEFINE_string("annotate", None,
+                      "Write a copy of each image with boxes and labels drawn into this folder.")
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # annotated copies keep these; others become PNG
@@ -114,6 +120,15 @@ class Results:
 def find_images(paths: Sequence[str]) -> tuple[list[str], list[Problem]]:
   """Files to read: each given file, and every file under each given folder (recursively,
   sorted, hidden ones skipped). Missing paths are problems."""
+  return find_files(paths, lambda name: True, f"no image in this folder or its subfolders "
+                    f"(looked for {faces_lib.FORMAT_WORDS} files)")
+
+
+def find_files(paths: Sequence[str], keep: Callable[[str], bool],
+               none_found: str) -> tuple[list[str], list[Problem]]:
+  """Each given file, and the files under each given folder whose name `keep` takes
+  (recursively, sorted, hidden ones skipped; `none_found` is the problem of a folder without
+  any). Missing paths are problems."""
   files, problems = [], []
   for p in paths:
     path = pathlib.Path(p)
@@ -121,10 +136,10 @@ def find_images(paths: Sequence[str]) -> tuple[list[str], list[Problem]]:
       found = []
       for dirpath, dirnames, filenames in os.walk(path):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
+        found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if not f.startswith(".") and keep(f)]
       if not found:
-        problems.append(Problem(str(path), f"no image in this folder or its subfolders (looked "
-                                f"for {faces_lib.FORMAT_WORDS} files)"))
+        problems.append(Problem(str(path), none_found))
       files += found
     elif path.exists():
       files.append(str(path))
@@ -337,6 +352,21 @@ def annotate(results: Results, out_dir, files: Sequence[str] | None = None) -> l
 # ----------------------------------------------------------------------------- CLI
 
 
+def load_model_flags(detect: bool = True):
+  """(run, detector or None, tta, temperature or None) as define_model_flags' flags say, after
+  printing the model line to stderr. Raises runs.RunError (or RuntimeError: no detector)."""
+  run = runs.load_for_cli(FLAGS.workdir, FLAGS.checkpoint)
+  detector = faces_lib.FaceDetector(min_size=FLAGS.min_face) if detect else None
+  temperature = runs.calibration_temperature(run) if FLAGS.calibrate else None
+  tta = FLAGS.tta or run.config.eval.get("tta", "none")
+  print(f"Model: {run.checkpoint.path} (epoch {run.checkpoint.epoch}, "
+        f"{runs.val_accuracy_line(run, tta)})", file=sys.stderr, flush=True)
+  if temperature is not None:
+    print(f"Probabilities calibrated with temperature {temperature:.3f} (fit on val by the "
+          "run's final evaluation).", file=sys.stderr, flush=True)
+  return run, detector, tta, temperature
+
+
 def main(argv):
   logging.set_verbosity(logging.ERROR)  # orbax's notes on read-only managers are noise here
   paths = argv[1:]
@@ -348,24 +378,10 @@ def main(argv):
     if fmt not in ("json", "csv"):
       raise app.UsageError("--output needs --format=json or --format=csv (or a .json/.csv name)")
   try:
-    run = runs.load_for_cli(FLAGS.workdir, FLAGS.checkpoint)
-    detector = (None if FLAGS.no_detect else
-                faces_lib.FaceDetector(min_size=FLAGS.min_face))
+    run, detector, tta, temperature = load_model_flags(detect=not FLAGS.no_detect)
   except (runs.RunError, RuntimeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  tta = FLAGS.tta or run.config.eval.get("tta", "none")
-  print(f"Model: {run.checkpoint.path} (epoch {run.checkpoint.epoch}, "
-        f"{runs.val_accuracy_line(run, tta)})", file=sys.stderr, flush=True)
-  temperature = None
-  if FLAGS.calibrate:
-    try:
-      temperature = runs.calibration_temperature(run)
-    except runs.RunError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
-    print(f"Probabilities calibrated with temperature {temperature:.3f} (fit on val by the "
-          "run's final evaluation).", file=sys.stderr, flush=True)
   results = predict_files(run, paths, detector, FLAGS.margin, tta, FLAGS.batch_size,
                           temperature=temperature)
   text = {"json": to_json, "csv": to_csv, "table": to_table}[fmt](results)

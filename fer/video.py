@@ -37,7 +37,6 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 import csv
 import dataclasses
 import io
-import json
 import pathlib
 import sys
 import time
@@ -66,26 +65,14 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".g
 
 def define_flags():
   """The flags, defined only when run as a command (the CLIs share flag names)."""
-  flags.DEFINE_string("workdir", None,
-                      "A trained run's workdir (its best checkpoint and config.json are used).")
-  flags.DEFINE_string("checkpoint", None,
-                      "A checkpoint folder (RUN/checkpoints/last/<epoch>) instead of the best "
-                      "one; its config is found above it, or in --workdir.")
+  predict.define_model_flags()
   flags.DEFINE_string("out", None, "Folder for the CSVs, timelines, annotated videos and "
                       "summary.json.")
   flags.DEFINE_float("fps", 5.0, "Frames sampled per second of video (0: every frame).")
   flags.DEFINE_bool("annotate", False, "Also write each video's sampled frames with boxes and "
                     "labels (<name>_annotated.mp4).")
-  flags.DEFINE_enum("tta", None, ["none", "flip", "tencrop"],
-                    "Test-time augmentation; default: the run's eval.tta.")
-  flags.DEFINE_float("margin", 0.1, "Context around a detected face, as a fraction of its "
-                     "box's side added on each side.")
-  flags.DEFINE_integer("min_face", 24, "Smallest face searched for, in pixels.")
-  flags.DEFINE_integer("batch_size", 256, "Faces per model call.")
   flags.DEFINE_float("track_gap_s", 1.0, "A face unseen for longer than this many seconds "
                      "starts a new track when it is seen again.")
-  flags.DEFINE_bool("calibrate", False, "Temperature-scale the probabilities with the run's "
-                    "temperature (fit on val at the end of training).")
 
 
 class VideoError(ValueError):
@@ -191,24 +178,9 @@ class Video:
 def find_videos(paths: Sequence[str]) -> tuple[list[str], list[predict.Problem]]:
   """Each given file (whatever its name: OpenCV decides), and every file with a
   VIDEO_SUFFIXES suffix under each given folder (recursively, sorted, hidden ones skipped)."""
-  files, problems = [], []
-  for p in paths:
-    path = pathlib.Path(p)
-    if path.is_dir():
-      found = []
-      for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [os.path.join(dirpath, f) for f in sorted(filenames)
-                  if not f.startswith(".") and pathlib.Path(f).suffix.lower() in VIDEO_SUFFIXES]
-      if not found:
-        problems.append(predict.Problem(str(path), "no video in this folder or its subfolders "
-                                        f"(looked for {', '.join(VIDEO_SUFFIXES)})"))
-      files += found
-    elif path.exists():
-      files.append(str(path))
-    else:
-      problems.append(predict.Problem(str(path), "does not exist"))
-  return files, problems
+  return predict.find_files(
+      paths, lambda name: pathlib.Path(name).suffix.lower() in VIDEO_SUFFIXES,
+      f"no video in this folder or its subfolders (looked for {', '.join(VIDEO_SUFFIXES)})")
 
 
 class Frames:
@@ -481,15 +453,10 @@ def main(argv):
   if FLAGS.fps < 0:
     raise app.UsageError(f"--fps={FLAGS.fps}: frames per second to sample, > 0 (0: every frame)")
   try:
-    run = runs.load_for_cli(FLAGS.workdir, FLAGS.checkpoint)
-    detector = faces_lib.FaceDetector(min_size=FLAGS.min_face)
-    temperature = runs.calibration_temperature(run) if FLAGS.calibrate else None
+    run, detector, tta, temperature = predict.load_model_flags()
   except (runs.RunError, RuntimeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  tta = FLAGS.tta or run.config.eval.get("tta", "none")
-  print(f"Model: {run.checkpoint.path} (epoch {run.checkpoint.epoch}, "
-        f"{runs.val_accuracy_line(run, tta)})", file=sys.stderr, flush=True)
   videos, problems = predict_videos(run, paths, detector, FLAGS.fps, FLAGS.margin, tta,
                                     FLAGS.batch_size, temperature,
                                     track_gap_s=FLAGS.track_gap_s)

@@ -17,13 +17,23 @@ _ABSL_FLAGS = {"help", "helpfull", "helpshort", "flagfile", "logtostderr", "also
 _REPO_PATH = re.compile(r"(?<![\w/.~])(?:configs|experiments|fer|tests)/[\w./-]*[\w/](?![\w*<])")
 
 
-def _defined_flags(script):
-  """The flag names a module or script defines: absl's DEFINE_*("name") and argparse's
-  add_argument("--name")."""
-  src = script.read_text()
+def _flags_in(src):
+  """Flag names defined in Python source: absl's DEFINE_*("name"), argparse's
+  add_argument("--name"), and those of the fer modules' define*flags() functions it calls."""
   names = set(re.findall(r"DEFINE_\w+\(\s*\"(\w+)\"", src))
   names |= set(re.findall(r"add_argument\(\s*\"--([\w-]+)\"", src))
-  return names | (_ABSL_FLAGS if "absl" in src else set())
+  for module, function in re.findall(r"\b(\w+)\.(define\w*flags)\(\)", src):
+    other = ROOT / "fer" / f"{module}.py"
+    if other.is_file():
+      body = other.read_text().split(f"\ndef {function}(", 1)[1].split("\ndef ", 1)[0]
+      names |= _flags_in(body)
+  return names
+
+
+def _defined_flags(script):
+  """The flag names a module or script defines."""
+  src = script.read_text()
+  return _flags_in(src) | (_ABSL_FLAGS if "absl" in src else set())
 
 
 def _load_config(path, arg):
@@ -113,6 +123,7 @@ def test_the_check_finds_each_kind_of_mistake():
   good = ("python -m fer.main --config=configs/strong.py:runlocal --config.seed=1 "
           "--config.model.conv_features=\"(8,8,8,8)\" --workdir=/tmp/x  # a comment --bogus\n"
           "python -m fer.predict --workdir=runs/cnn --no_detect faces/\n"
+          "python -m fer.video --workdir=runs/cnn --tta=flip --out=x --fps=2 clip.mp4\n"
           "python experiments/run_study.py --root=runs/study --dry_run\n"
           "python -m fer.main --config=configs/{name}.py --workdir=...\n")
   assert command_problems(good, "good") == []
@@ -123,6 +134,7 @@ def test_the_check_finds_each_kind_of_mistake():
          "python -m fer.main --config=configs/strong.py:nonesuch --workdir=x",
          "python -m fer.main --config.seed=1 --config=configs/strong.py",
          "python -m fer.predict --workdir=runs/cnn --nonesuch=1",
+         "python -m fer.video --workdir=runs/cnn --no_detect --out=x clip.mp4",
          "python experiments/run_study.py --root=runs/study --nonesuch"]
   for line in bad:
     assert len(command_problems(line, "bad")) == 1, line
