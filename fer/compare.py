@@ -2,24 +2,31 @@ r"""Is run B better than run A, or is the difference noise? Paired tests on the 
 
   python -m fer.compare --a=runs/strong_half_s0 --b=runs/strong_half_distilled_s0
   python -m fer.compare --a=runs/strong_ensemble --b=runs/strong_mx_ensemble --out=cmp.json
+  python -m fer.compare --a=runs/augment_s0,runs/augment_s1,runs/augment_s2 \
+      --b=runs/augment_distilled_s0,runs/augment_distilled_s1,runs/augment_distilled_s2
 
-A and B are finished runs or ensembles (fer.ensemble's output) trained on the same splits; their
-saved probabilities (val_probs.npy, test_probs.npy) are scored against that protocol's labels.
+A and B are finished runs or ensembles (fer.ensemble's output), or each a comma-separated list
+of runs (seeds of one config, compared by their mean accuracy), all trained on the same splits;
+their saved probabilities (val_probs.npy, test_probs.npy) are scored against that protocol's
+labels.
 On FER2013's 3,589 test faces one run's accuracy has a standard error of about 0.75 points, but
 two runs are judged on the same faces, so what decides is where they disagree. Per split:
 
 - the accuracy of A and of B, and B - A with a 95% paired bootstrap interval (`--resamples`
-  draws of the faces with replacement, the same draws for both runs; `--seed`);
-- McNemar's exact test: of the faces exactly one of the two gets right (n_A only A, n_B only
-  B), the two-sided probability of a split at least this uneven if neither run were better
-  (binomial, p = 1/2);
+  draws of the faces with replacement, the same draws for both sides; `--seed`); a side of
+  several runs also has its runs drawn with replacement in each draw (a hierarchical bootstrap),
+  so that the interval holds their seed spread too;
+- where each side is one run, McNemar's exact test: of the faces exactly one of the two gets
+  right (n_A only A, n_B only B), the two-sided probability of a split at least this uneven if
+  neither run were better (binomial, p = 1/2);
 - for test, where the data set marks the faces with a near copy in train (FER2013), the same on
   the faces without one.
 
-An interval that holds 0, or p above 0.05, says the data cannot tell the two apart. This is the
-variation of the test faces only: another seed of the same config moves a run by its seed
-spread too (the README's "mean ± std" rows), so compare configs by several seeds or ensembles
-of them. Selection is still by val; test is read as it is.
+An interval that holds 0, or p above 0.05, says the data cannot tell the two apart. For one run
+a side, that is the variation of the faces only: another seed of the same config moves a run by
+its seed spread too, so compare configs by several seeds a side. With 3-4 seeds a side the
+runs' draw is coarse: take the interval as a guide, not an exact 95%. Selection is still by
+val; test is read as it is.
 
 Prints a table; `--out` also writes the numbers as JSON. Exit status 2 when a run cannot be
 read or the two were trained on other splits.
@@ -63,29 +70,47 @@ def mcnemar_p(a_right, b_right) -> float:
 
 def bootstrap_interval(a_right, b_right, resamples: int = 10_000, seed: int = 0,
                        level: float = 0.95) -> tuple[float, float]:
-  """The paired bootstrap interval of mean(b_right) - mean(a_right): faces drawn with
-  replacement, the same draws for both."""
-  diff = np.asarray(b_right, np.int8) - np.asarray(a_right, np.int8)
+  """The bootstrap interval of B's accuracy minus A's from their correctness, bool [N] (one
+  run) or [runs, N] (several: their mean accuracy). Each draw takes the faces with replacement,
+  the same for both sides (paired), and, on a side of several runs, its runs with replacement
+  too (a hierarchical bootstrap: seed noise counts as well as the faces')."""
+  a_right, b_right = np.atleast_2d(a_right), np.atleast_2d(b_right)
+  n = a_right.shape[1]
   rng = np.random.default_rng(seed)
-  means, chunk = [], max(1, 2_000_000 // max(len(diff), 1))
+  diffs, chunk = [], max(1, 2_000_000 // max(n, 1))
   for start in range(0, resamples, chunk):
-    draws = rng.integers(0, len(diff), size=(min(chunk, resamples - start), len(diff)))
-    means.append(diff[draws].mean(axis=1))
-  means = np.concatenate(means)
-  low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    draws = rng.integers(0, n, size=(min(chunk, resamples - start), n))
+    side = []
+    for right in (a_right, b_right):
+      accuracy = right[:, draws].mean(axis=-1).T  # [draws, runs]
+      if len(right) > 1:
+        picks = rng.integers(0, len(right), size=accuracy.shape)
+        accuracy = np.take_along_axis(accuracy, picks, axis=1)
+      side.append(accuracy.mean(axis=1))
+    diffs.append(side[1] - side[0])
+  low, high = np.quantile(np.concatenate(diffs), [(1 - level) / 2, (1 + level) / 2])
   return float(low), float(high)
 
 
 def paired(a_right, b_right, resamples: int = 10_000, seed: int = 0) -> dict:
-  """Accuracies, difference, its 95% bootstrap interval and McNemar's p of two runs' paired
-  correctness (bool [N] each)."""
-  a_right, b_right = np.asarray(a_right, bool), np.asarray(b_right, bool)
+  """Accuracies, difference and its 95% bootstrap interval of two sides' correctness (bool [N]
+  for one run, [runs, N] for several), and McNemar's p and the faces only one side gets right
+  where each side is one run."""
+  a_right, b_right = np.atleast_2d(np.asarray(a_right, bool)), np.atleast_2d(
+      np.asarray(b_right, bool))
   low, high = bootstrap_interval(a_right, b_right, resamples, seed)
-  return {"faces": int(len(a_right)), "a/accuracy": float(a_right.mean()),
-          "b/accuracy": float(b_right.mean()),
-          "difference": float(b_right.mean() - a_right.mean()), "interval_95": [low, high],
-          "only_a_right": int(np.sum(a_right & ~b_right)),
-          "only_b_right": int(np.sum(b_right & ~a_right)), "mcnemar_p": mcnemar_p(a_right, b_right)}
+  a_acc, b_acc = a_right.mean(axis=1), b_right.mean(axis=1)
+  out = {"faces": int(a_right.shape[1]), "a/accuracy": float(a_acc.mean()),
+         "b/accuracy": float(b_acc.mean()), "difference": float(b_acc.mean() - a_acc.mean()),
+         "interval_95": [low, high], "only_a_right": None, "only_b_right": None,
+         "mcnemar_p": None}
+  if len(a_right) == len(b_right) == 1:
+    a1, b1 = a_right[0], b_right[0]
+    out.update(only_a_right=int(np.sum(a1 & ~b1)), only_b_right=int(np.sum(b1 & ~a1)),
+               mcnemar_p=mcnemar_p(a1, b1))
+  else:
+    out.update({"a/run_accuracies": a_acc.tolist(), "b/run_accuracies": b_acc.tolist()})
+  return out
 
 
 def _probs(workdir: pathlib.Path, split: str, n: int) -> np.ndarray:
@@ -103,33 +128,49 @@ def _probs(workdir: pathlib.Path, split: str, n: int) -> np.ndarray:
 
 
 def compare(a, b, data=None, resamples: int = 10_000, seed: int = 0) -> dict:
-  """The paired comparison of runs a and b (workdirs) on val and test (and test without near
-  copies where the data marks them). `data`: the splits (default: loaded from a's config)."""
-  a, b = pathlib.Path(a), pathlib.Path(b)
+  """The paired comparison of sides a and b (a workdir, or a list of them: seeds of one config,
+  compared by their mean) on val and test (and test without near copies where the data marks
+  them). `data`: the splits (default: loaded from the first run's config)."""
+  sides = [[pathlib.Path(w) for w in ([x] if isinstance(x, (str, pathlib.Path)) else x)]
+           for x in (a, b)]
+  workdirs = sides[0] + sides[1]
+  if not sides[0] or not sides[1]:
+    raise CompareError("each side needs at least one run")
   try:
-    configs = [json.loads(runs.find_config_file(w).read_text()) for w in (a, b)]
+    configs = [json.loads(runs.find_config_file(w).read_text()) for w in workdirs]
   except (runs.RunError, OSError, ValueError) as e:
     raise CompareError(str(e)) from e
-  differ = runs.split_differences(configs[1]["input"], configs[0]["input"])
-  if differ:
-    raise CompareError(f"{b} was trained on other splits than {a}: {'; '.join(differ)}. "
-                       "Compare runs of one protocol.")
+  for workdir, config in zip(workdirs[1:], configs[1:]):
+    differ = runs.split_differences(config["input"], configs[0]["input"])
+    if differ:
+      raise CompareError(f"{workdir} was trained on other splits than {workdirs[0]}: "
+                         f"{'; '.join(differ)}. Compare runs of one protocol.")
   if data is None:
     from fer import input_pipeline  # pylint: disable=import-outside-toplevel
-    data = input_pipeline.load_splits(runs.load_config(a).input)
-  out = {"a": str(a), "b": str(b), "resamples": resamples, "seed": seed}
+    data = input_pipeline.load_splits(runs.load_config(workdirs[0]).input)
+  out = {"a": [str(w) for w in sides[0]], "b": [str(w) for w in sides[1]],
+         "resamples": resamples, "seed": seed}
   for split in SPLITS:
     labels = np.asarray(data[split]["label"])
-    right = [_probs(w, split, len(labels)).argmax(1) == labels for w in (a, b)]
+    right = [np.stack([_probs(w, split, len(labels)).argmax(1) == labels for w in side])
+             for side in sides]
     out[split] = paired(*right, resamples, seed)
     if split == "test" and "train_copy" in data[split]:
       clean = ~np.asarray(data[split]["train_copy"], bool)
-      out["test_no_train_copy"] = paired(right[0][clean], right[1][clean], resamples, seed)
+      out["test_no_train_copy"] = paired(right[0][:, clean], right[1][:, clean], resamples,
+                                         seed)
   return out
 
 
+def _cell(value, width: int, spec: str = "") -> str:
+  """value right-aligned in width (formatted by spec); '-' where there is none."""
+  return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
+
+
 def to_table(result: dict) -> str:
-  lines = [f"A: {result['a']}", f"B: {result['b']}",
+  side = lambda runs_: (runs_[0] if len(runs_) == 1 else
+                        f"the mean of {len(runs_)} runs: {', '.join(runs_)}")
+  lines = [f"A: {side(result['a'])}", f"B: {side(result['b'])}",
            f"{'split':<20} {'faces':>6} {'A':>7} {'B':>7} {'B - A':>7}  {'95% interval':<17} "
            f"{'only A':>6} {'only B':>6} {'McNemar p':>10}"]
   for split in (*SPLITS, "test_no_train_copy"):
@@ -140,14 +181,18 @@ def to_table(result: dict) -> str:
       lines.append(
           f"{split:<20} {r['faces']:>6,} {100 * r['a/accuracy']:>6.2f}% "
           f"{100 * r['b/accuracy']:>6.2f}% {100 * r['difference']:>+7.2f}  {interval:<17} "
-          f"{r['only_a_right']:>6} {r['only_b_right']:>6} {r['mcnemar_p']:>10.3g}")
-  lines.append(f"(points; a 95% interval holding 0, or p > 0.05: the faces cannot tell A and B "
-               f"apart; {result['resamples']:,} paired bootstrap draws)")
+          f"{_cell(r['only_a_right'], 6)} {_cell(r['only_b_right'], 6)} "
+          f"{_cell(r['mcnemar_p'], 10, '.3g')}")
+  several = max(len(result["a"]), len(result["b"])) > 1
+  lines.append(f"(points; a 95% interval holding 0, or p > 0.05: the data cannot tell A and B "
+               f"apart; {result['resamples']:,} bootstrap draws of the faces"
+               f"{', and of the runs of a side of several' if several else ''})")
   return "\n".join(lines) + "\n"
 
 
-_A = flags.DEFINE_string("a", None, "A finished run's (or ensemble's) workdir.")
-_B = flags.DEFINE_string("b", None, "The run to compare with it.")
+_A = flags.DEFINE_list("a", None, "A finished run's (or ensemble's) workdir, or several "
+                       "(seeds of one config: compared by their mean accuracy).")
+_B = flags.DEFINE_list("b", None, "The run(s) to compare with them.")
 _OUT = flags.DEFINE_string("out", None, "Also write the numbers to this JSON file.")
 _RESAMPLES = flags.DEFINE_integer("resamples", 10_000, "Bootstrap draws of the faces.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap draws.")

@@ -48,6 +48,23 @@ def test_bootstrap_interval_is_paired_and_covers_the_difference():
   assert compare.bootstrap_interval(a, a, resamples=500) == (0.0, 0.0)
 
 
+def test_bootstrap_of_several_runs_a_side_holds_their_spread():
+  rng = np.random.default_rng(2)
+  b = rng.random(3000) < 0.7
+  same = np.stack([b, b])  # two runs that agree face for face: no seed spread
+  spread = np.stack([rng.random(3000) < 0.62, rng.random(3000) < 0.78])  # 16 points apart
+  width = lambda a: np.subtract(*compare.bootstrap_interval(a, b, resamples=2000)[::-1])
+  assert compare.bootstrap_interval(same, b, resamples=2000) == (0.0, 0.0)
+  low, high = compare.bootstrap_interval(spread, b, resamples=2000)
+  assert low < b.mean() - spread.mean() < high
+  assert width(spread) > 3 * width(spread[:1])  # the runs' draw adds their spread
+  one = compare.paired(spread[:1], b, resamples=500)
+  two = compare.paired(spread, b, resamples=500)
+  assert one["mcnemar_p"] is not None and two["mcnemar_p"] is None  # McNemar: one run a side
+  assert two["a/run_accuracies"] == pytest.approx(spread.mean(axis=1))
+  assert two["difference"] == pytest.approx(b.mean() - spread.mean())
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   return trained_run.tiny_run(tmp_path_factory)
@@ -89,6 +106,20 @@ def test_two_runs_are_compared_face_by_face(run_dir, data, tmp_path):
   assert clean["faces"] == n // 2 and (clean["only_a_right"], clean["only_b_right"]) == (3, 0)
   table = compare.to_table(with_copies)
   assert "test_no_train_copy" in table and "McNemar p" in table
+
+
+def test_sides_of_several_runs_are_compared_by_their_mean(run_dir, data, tmp_path):
+  a = [_variant(run_dir, data, tmp_path, "a1", wrong=[0]),
+       _variant(run_dir, data, tmp_path, "a2", wrong=[1, 2])]
+  b = [_variant(run_dir, data, tmp_path, "b1"), _variant(run_dir, data, tmp_path, "b2", [3])]
+  result = compare.compare(a, b, data=data, resamples=1000)
+  r, n = result["test"], len(data["test"]["label"])
+  assert r["a/run_accuracies"] == pytest.approx([1 - 1 / n, 1 - 2 / n])
+  assert r["difference"] == pytest.approx(1 / n) and r["mcnemar_p"] is None
+  assert r["interval_95"][0] <= r["difference"] <= r["interval_95"][1]
+  table = compare.to_table(result)
+  assert f"A: the mean of 2 runs: {a[0]}, {a[1]}" in table and "and of the runs" in table
+  assert table.splitlines()[3].split()[-3:] == ["-", "-", "-"]  # no McNemar for groups
 
 
 def test_runs_on_other_splits_or_data_are_refused(run_dir, data, tmp_path):
