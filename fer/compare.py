@@ -190,33 +190,39 @@ def to_table(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-_A = flags.DEFINE_list("a", None, "A finished run's (or ensemble's) workdir, or several "
-                       "(seeds of one config: compared by their mean accuracy).")
-_B = flags.DEFINE_list("b", None, "The run(s) to compare with them.")
-_OUT = flags.DEFINE_string("out", None, "Also write the numbers to this JSON file.")
-_RESAMPLES = flags.DEFINE_integer("resamples", 10_000, "Bootstrap draws of the faces.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap draws.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The flags, defined only when run as a command (the CLIs share flag names)."""
+  flags.DEFINE_list("a", None, "A finished run's (or ensemble's) workdir, or several (seeds of "
+                    "one config: compared by their mean accuracy).")
+  flags.DEFINE_list("b", None, "The run(s) to compare with them.")
+  flags.DEFINE_string("out", None, "Also write the numbers to this JSON file.")
+  flags.DEFINE_integer("resamples", 10_000, "Bootstrap draws of the faces.")
+  flags.DEFINE_integer("seed", 0, "Seed of the bootstrap draws.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not _A.value or not _B.value:
+  if not FLAGS.a or not FLAGS.b:
     raise app.UsageError("--a and --b: the two runs' workdirs.")
-  if _RESAMPLES.value < 100:
-    raise app.UsageError(f"--resamples={_RESAMPLES.value}: at least 100")
+  if FLAGS.resamples < 100:
+    raise app.UsageError(f"--resamples={FLAGS.resamples}: at least 100")
   logging.set_verbosity(logging.ERROR)
   try:
-    result = compare(_A.value, _B.value, resamples=_RESAMPLES.value, seed=_SEED.value)
+    result = compare(FLAGS.a, FLAGS.b, resamples=FLAGS.resamples, seed=FLAGS.seed)
   except (CompareError, runs.RunError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   sys.stdout.write(to_table(result))
-  if _OUT.value:
-    fileio.write_json_atomic(_OUT.value, result)
-    print(f"Wrote {_OUT.value}", file=sys.stderr)
+  if FLAGS.out:
+    fileio.write_json_atomic(FLAGS.out, result)
+    print(f"Wrote {FLAGS.out}", file=sys.stderr)
   return 0
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

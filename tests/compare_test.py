@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from fer import compare
-from fer import input_pipeline
 import trained_run
 
 
@@ -63,16 +62,6 @@ def test_bootstrap_of_several_runs_a_side_holds_their_spread():
   assert one["mcnemar_p"] is not None and two["mcnemar_p"] is None  # McNemar: one run a side
   assert two["a/run_accuracies"] == pytest.approx(spread.mean(axis=1))
   assert two["difference"] == pytest.approx(b.mean() - spread.mean())
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  return trained_run.tiny_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def data():
-  return input_pipeline.load_splits(trained_run.tiny_config().input)
 
 
 def _variant(run_dir, data, tmp_path, name, wrong=()):
@@ -153,3 +142,11 @@ def test_cli(run_dir, data, tmp_path):
   assert saved["resamples"] == 200 and set(saved) >= {"val", "test"}
   bad = trained_run.run_module("fer.compare", f"--a={a}", f"--b={tmp_path / 'missing'}")
   assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_importing_it_defines_no_flags():
+  """Tests import fer.compare beside fer.ensemble (which has module flags): define_flags() runs
+  only when it is the command."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from fer import ensemble  # pylint: disable=import-outside-toplevel,unused-import
+  assert "resamples" not in flags.FLAGS and "out" in flags.FLAGS

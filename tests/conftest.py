@@ -8,12 +8,38 @@ import tempfile
 import pytest
 
 import fer2013_fakes
+import trained_run
 
 
 @pytest.fixture
 def fer2013_zip(tmp_path):
   """A tiny Kaggle-layout archive.zip: 7 classes x 3 split prefixes x 2 JPEGs (42 images)."""
   return fer2013_fakes.write_zip(tmp_path / "archive.zip", fer2013_fakes.kaggle_members())
+
+
+# The tiny trained run (trained_run.tiny_run: trained once per worker process) that the predict,
+# video, evaluate, export, ensemble, compare and distill tests read; treat it as read-only (copy
+# it to change it). fer is imported inside: jax must start after pytest_configure.
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  """The tiny run's workdir."""
+  return trained_run.tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def run(run_dir):
+  """The tiny run loaded (fer.runs.Run: model, variables, config, best checkpoint)."""
+  from fer import runs  # pylint: disable=import-outside-toplevel
+  return runs.load(run_dir)
+
+
+@pytest.fixture(scope="module")
+def data():
+  """The splits of the tiny run's config (synthetic faces)."""
+  from fer import input_pipeline  # pylint: disable=import-outside-toplevel
+  return input_pipeline.load_splits(trained_run.tiny_config().input)
 
 
 _CACHE = "JAX_COMPILATION_CACHE_DIR"

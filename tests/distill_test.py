@@ -16,11 +16,6 @@ import trained_run
 from train_test import checkpoint_state, tiny_config
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  return trained_run.tiny_run(tmp_path_factory)
-
-
 def _teacher_file(path, config, probs_fn, teachers=("teacher",)):
   """A targets file for `config`'s train images with probabilities probs_fn(labels)."""
   data = input_pipeline.load_splits(config.input)

@@ -7,20 +7,9 @@ import numpy as np
 import pytest
 
 from fer import ensemble
-from fer import input_pipeline
 from fer import metrics
 
 import trained_run
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  return trained_run.tiny_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def data():
-  return input_pipeline.load_splits(trained_run.tiny_config().input)
 
 
 def _member(run_dir, tmp_path, name, shift=0.0):

@@ -11,17 +11,11 @@ from PIL import Image
 import pytest
 
 from fer import evaluate
-from fer import runs
 from fer import train
 from fer.datasets import synthetic
 from fer.datasets.fer2013 import CLASSES
 
 import trained_run
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  return runs.load(trained_run.tiny_run(tmp_path_factory))
 
 
 # Folder names as other data sets spell them; "contempt" names no class of ours.

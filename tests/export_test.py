@@ -11,16 +11,10 @@ import numpy as np
 import pytest
 
 from fer import export
-from fer import runs
 from fer import train
 from fer.datasets import synthetic
 from fer.datasets.fer2013 import CLASSES
 import trained_run
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  return runs.load(trained_run.tiny_run(tmp_path_factory))
 
 
 @pytest.fixture(scope="module")

@@ -30,11 +30,6 @@ import trained_run
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  return runs.load(trained_run.tiny_run(tmp_path_factory))
-
-
-@pytest.fixture(scope="module")
 def synthetic_faces():
   images, _ = synthetic.make_faces(8, seed=3)
   return images

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from fer import faces
-from fer import runs
 from fer import train
 from fer import video
 from fer.datasets import synthetic
@@ -18,11 +17,6 @@ from fer.datasets.fer2013 import CLASSES
 import trained_run
 
 FACE_SIDE = 144
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  return runs.load(trained_run.tiny_run(tmp_path_factory))
 
 
 @pytest.fixture(scope="module")
