@@ -48,7 +48,7 @@ def test_copies_in_train(near: dict, num_test: int) -> np.ndarray:
 
 
 def _accuracy(correct: np.ndarray) -> str:
-  return f"{len(correct):,} | {100 * correct.mean():.1f}%" if len(correct) else f"0 | -"
+  return f"{len(correct):,} | {100 * correct.mean():.1f}%" if len(correct) else "0 | -"
 
 
 def _difference(a: np.ndarray, b: np.ndarray) -> str:

@@ -258,7 +258,6 @@ def main(argv):
   from fer import faces as faces_lib  # pylint: disable=import-outside-toplevel
   from fer import input_pipeline  # pylint: disable=import-outside-toplevel
   from fer import plots  # pylint: disable=import-outside-toplevel
-  from fer import predict  # pylint: disable=import-outside-toplevel
   try:
     run = runs.load_for_cli(FLAGS.workdir, FLAGS.checkpoint)
     if len(argv) > 1:

@@ -319,7 +319,7 @@ def train_group(configs, workdir, data, sources=None, names=None) -> list[dict]:
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   names = names or [str(i) for i in range(len(configs))]
-  train_x, train_y = data["train"]["image"], data["train"]["label"]
+  train_x = data["train"]["image"]
   num_train, batch_size = len(train_x), c0.input.batch_size
   steps_per_epoch = num_train // batch_size
   if steps_per_epoch == 0:
