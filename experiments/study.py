@@ -221,7 +221,7 @@ def _summary(headlines):
   return "\n".join(lines) + "\n"
 
 
-def _between(body, start, end, text):
+def between(body, start, end, text):
   """body with the text between the markers start and end replaced by text (if both are in)."""
   if start not in body or end not in body:
     return body
@@ -289,7 +289,7 @@ def tables(results_root=RESULTS) -> tuple[str, str]:
 
 def with_tables(body: str, text: str, summary: str) -> str:
   """The README text body with the results table text and the summary table put in."""
-  return _between(_between(body, START, END, text), SUMMARY_START, SUMMARY_END, summary)
+  return between(between(body, START, END, text), SUMMARY_START, SUMMARY_END, summary)
 
 
 def table(results_root=RESULTS, readme=REPO / "README.md"):
