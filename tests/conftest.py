@@ -58,10 +58,16 @@ def pytest_configure(config):
     signal.signal(signal.SIGINT, signal.default_int_handler)
   if _CACHE not in os.environ:
     os.environ[_CACHE] = tempfile.mkdtemp(prefix="fer-test-jax-cache-")
-    os.environ["FER_TEST_OWNS_JAX_CACHE"] = "1"
+    os.environ[_OWNER] = str(os.getpid())
+
+
+_OWNER = "FER_TEST_JAX_CACHE_OWNER"  # the pid of the process that made the cache dir
 
 
 def pytest_unconfigure(config):
+  """The process that made the cache removes it; xdist's workers, which inherit the
+  environment and end one by one, leave it to the controller that outlives them."""
   del config
-  if os.environ.pop("FER_TEST_OWNS_JAX_CACHE", None):
+  if os.environ.get(_OWNER) == str(os.getpid()):
+    del os.environ[_OWNER]
     shutil.rmtree(os.environ.pop(_CACHE), ignore_errors=True)
