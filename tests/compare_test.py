@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fer import compare
+from fer.datasets.fer2013 import CLASSES
 import trained_run
 
 
@@ -94,7 +95,15 @@ def test_two_runs_are_compared_face_by_face(run_dir, data, tmp_path):
   clean = with_copies["test_no_train_copy"]  # the odd faces: b alone wrong on 1, 3 and 5
   assert clean["faces"] == n // 2 and (clean["only_a_right"], clean["only_b_right"]) == (3, 0)
   table = compare.to_table(with_copies)
-  assert "test_no_train_copy" in table and "McNemar p" in table
+  assert "test_no_train_copy" in table and "McNemar p" in table and "test, by class:" in table
+  by_class = result["test_per_class"]  # a and b wrong on faces 0 and 1-6: per class, the same
+  labels = data["test"]["label"]
+  assert sum(r["faces"] for r in by_class.values()) == n
+  for c, name in enumerate(CLASSES):
+    if name in by_class:
+      assert by_class[name]["only_a_right"] == np.sum(labels[1:7] == c)
+      assert by_class[name]["only_b_right"] == int(labels[0] == c)
+      assert f"\n  {name} " in table
 
 
 def test_sides_of_several_runs_are_compared_by_their_mean(run_dir, data, tmp_path):
