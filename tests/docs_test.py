@@ -146,3 +146,13 @@ def test_repository_paths_named_in_the_readme_exist():
   assert len(paths) > 50
   missing = sorted(p for p in paths if not (ROOT / p).exists())
   assert not missing, f"README.md names files that are not in the repository: {missing}"
+
+
+def test_links_within_the_readme_lead_to_its_headings():
+  readme = (ROOT / "README.md").read_text()
+  # GitHub's anchors: the heading in lower case, punctuation but hyphens dropped, spaces as -.
+  anchors = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+             for h in re.findall(r"^#{1,6} (.+)$", readme, re.M)}
+  links = re.findall(r"\]\(#([^)]+)\)", readme)
+  assert len(links) > 10
+  assert not [a for a in links if a not in anchors], sorted(anchors)
