@@ -107,12 +107,14 @@ def track_faces(found: Sequence[Face], max_gap_s: float = 1.0, min_iou: float = 
   by_frame: dict[int, list[Face]] = {}
   for f in found:
     by_frame.setdefault(f.frame, []).append(f)
-  last: dict[int, Face] = {}  # track -> its latest face
+  active: dict[int, Face] = {}  # track -> its latest face, for the tracks seen lately
+  tracks = 0
   for frame in sorted(by_frame):
     here = by_frame[frame]
     t = here[0].time
+    active = {k: g for k, g in active.items() if t - g.time <= max_gap_s + 1e-9}
     pairs = sorted(((_iou(f.box, g.box), i, k) for i, f in enumerate(here)
-                    for k, g in last.items() if t - g.time <= max_gap_s + 1e-9), reverse=True)
+                    for k, g in active.items()), reverse=True)
     taken_faces, taken_tracks = set(), set()
     for iou, i, k in pairs:
       if iou >= min_iou and i not in taken_faces and k not in taken_tracks:
@@ -121,8 +123,9 @@ def track_faces(found: Sequence[Face], max_gap_s: float = 1.0, min_iou: float = 
         taken_tracks.add(k)
     for i, f in enumerate(here):
       if i not in taken_faces:
-        f.track = len(last) + 1
-      last[f.track] = f
+        tracks += 1
+        f.track = tracks
+      active[f.track] = f
 
 
 @dataclasses.dataclass
