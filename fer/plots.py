@@ -102,30 +102,38 @@ def learning_curves(history, path):
   return _save(fig, path)
 
 
-def emotion_timeline(times, probs, class_names, path, title="") -> pathlib.Path:
-  """Class probabilities over time (probs [T, C], a NaN row where there is no face): a line per
-  class above, the top class of each time as a coloured strip below."""
-  times, probs = np.asarray(times, np.float64), np.asarray(probs, np.float64)
-  fig = Figure(figsize=(10, 4.2))
-  ax, strip = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [6, 1]})
-  for c, name in enumerate(class_names):
-    ax.plot(times, probs[:, c], color=f"C{c}", label=name, linewidth=1.2,
-            marker="." if len(times) < 60 else None)
-  ax.set_ylim(0, 1)
-  ax.set_ylabel("probability")
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
-  ax.spines[["top", "right"]].set_visible(False)
-  if len(times):  # each time's strip reaches to the next time (the last: one step further)
-    step = times[-1] - times[-2] if len(times) > 1 else 1.0
-    edges = np.append(times, times[-1] + step)
-    for k in np.flatnonzero(~np.isnan(probs).any(axis=1)):
-      strip.axvspan(edges[k], edges[k + 1], color=f"C{int(np.argmax(probs[k]))}", linewidth=0)
-    strip.set_xlim(edges[0], edges[-1])
-  strip.set_yticks([])
-  strip.set_ylabel("top", rotation=0, ha="right", va="center")
-  strip.set_xlabel("time (s)")
+def emotion_timeline(times, panels: Mapping[str, np.ndarray], class_names, path,
+                     title="") -> pathlib.Path:
+  """Class probabilities over time, a panel per entry of `panels` ({panel title: probs [T, C]},
+  a NaN row where that face is not seen): a line per class, and below it the top class of
+  each time as a coloured strip."""
+  times = np.asarray(times, np.float64)
+  fig = Figure(figsize=(10, 0.6 + 3.6 * len(panels)))
+  axes = fig.subplots(2 * len(panels), 1, sharex=True, squeeze=False,
+                      gridspec_kw={"height_ratios": [6, 1] * len(panels)})[:, 0]
+  if title:
+    fig.suptitle(title)
+  for (panel, probs), ax, strip in zip(panels.items(), axes[0::2], axes[1::2]):
+    probs = np.asarray(probs, np.float64)
+    for c, name in enumerate(class_names):
+      ax.plot(times, probs[:, c], color=f"C{c}", label=name, linewidth=1.2,
+              marker="." if len(times) < 60 else None)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("probability")
+    ax.set_title(panel, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    if len(times):  # each time's strip reaches to the next time (the last: one step further)
+      step = times[-1] - times[-2] if len(times) > 1 else 1.0
+      edges = np.append(times, times[-1] + step)
+      for k in np.flatnonzero(~np.isnan(probs).any(axis=1)):
+        strip.axvspan(edges[k], edges[k + 1], color=f"C{int(np.argmax(probs[k]))}",
+                      linewidth=0)
+      strip.set_xlim(edges[0], edges[-1])
+    strip.set_yticks([])
+    strip.set_ylabel("top", rotation=0, ha="right", va="center")
+  axes[-1].set_xlabel("time (s)")
   return _save(fig, path)
 
 

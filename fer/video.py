@@ -13,7 +13,8 @@ track" is the one seen in the most sampled frames. `--out` gets, per video:
 
   <name>.csv             one row per face per sampled frame: frame, time_s, face, track, box,
                          emotion, probability and the 7 probabilities
-  <name>_timeline.png    the main track's probabilities over time (gaps where it was not seen)
+  <name>_timeline.png    the main track's probabilities over time (gaps where it was not seen),
+                         and those of the other tracks seen in a tenth of the frames or more
   <name>_annotated.mp4   with --annotate: the sampled frames with boxes and labels, at --fps
 
 and summary.json: per video its frame rate, frames read and sampled, frames with a face, and
@@ -328,15 +329,34 @@ def to_csv(video: Video) -> str:
   return out.getvalue()
 
 
+TIMELINE_TRACKS = 4  # at most this many tracks get a panel
+TIMELINE_MIN_SHARE = 0.1  # besides the main one, those seen in at least this share of frames
+
+
+def timeline_tracks(video: Video) -> list[int]:
+  """The tracks a timeline shows: the main one, then the others seen in TIMELINE_MIN_SHARE of
+  the sampled frames or more, the most seen first; at most TIMELINE_TRACKS."""
+  main = video.main_track()
+  others = sorted(((-len(faces), k) for k, faces in video.tracks().items() if k != main and
+                   len(faces) >= TIMELINE_MIN_SHARE * len(video.sampled)))
+  return ([main] if main else []) + [k for _, k in others][:TIMELINE_TRACKS - 1]
+
+
 def timeline(video: Video, path) -> pathlib.Path:
-  """The main track's probabilities over the sampled frames' times (NaN: not seen)."""
-  main = video.main_faces()
+  """The probabilities of timeline_tracks(video) over the sampled frames' times (NaN where a
+  track is not seen), a panel each."""
   times = np.array([t for _, t in video.sampled])
-  probs = np.array([main[i].probs if i in main else np.full(len(CLASSES), np.nan)
-                    for i, _ in video.sampled])
-  return plots.emotion_timeline(
-      times, probs, CLASSES, path, title=f"{os.path.basename(video.file)}: face track "
-      f"{video.main_track()}, seen in {len(main)} of {len(times)} sampled frames")
+  shown, tracks = timeline_tracks(video), video.tracks()
+  panels = {}
+  for k in shown:
+    seen = {f.frame: f.probs for f in tracks[k]}
+    probs = np.array([seen.get(i, np.full(len(CLASSES), np.nan)) for i, _ in video.sampled])
+    panels[f"face track {k}{' (main)' if k == shown[0] and len(shown) > 1 else ''}: seen in "
+           f"{len(seen)} of {len(times)} sampled frames"] = probs
+  if not panels:
+    panels["no face found in the sampled frames"] = np.full((len(times), len(CLASSES)), np.nan)
+  return plots.emotion_timeline(times, panels, CLASSES, path,
+                                title=os.path.basename(video.file))
 
 
 def annotate(video: Video, path, fps: float) -> pathlib.Path:

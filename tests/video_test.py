@@ -113,7 +113,7 @@ def _face(frame, x, y, side=50):
   return video.Face(frame, frame * 0.2, 0, faces.Box(x, y, side, side), np.eye(7)[frame % 7])
 
 
-def test_tracks_follow_faces_across_frames_and_gaps():
+def test_tracks_follow_faces_across_frames_and_gaps(tmp_path):
   found = []
   for i in range(10):  # A moves right above B, which moves left: their left-right order swaps
     here = [_face(i, 10 + 15 * i, 10), _face(i, 165 - 15 * i, 200)]
@@ -138,6 +138,13 @@ def test_tracks_follow_faces_across_frames_and_gaps():
   assert track(500, 10, 9) == 3
   v = video.Video("v", 5.0, 10, 10, [(i, i * 0.2) for i in range(10)], found)
   assert v.main_track() == 1 and [t["frames"] for t in v.summary()["tracks"]] == [10, 10, 4, 1]
+  # The timeline: the main track, then those seen in a tenth of the frames or more.
+  assert video.timeline_tracks(v) == [1, 2, 3, 4]  # 4 panels at most: track 5 left out
+  v.sampled = [(i, i * 0.02) for i in range(100)]  # of 100 frames, C's 3 and D's 1 are too few
+  assert video.timeline_tracks(v) == [1, 2]
+  video.timeline(v, tmp_path / "t.png")
+  assert cv2.imread(str(tmp_path / "t.png")).shape[0] > 600  # two panels
+  assert video.timeline_tracks(video.Video("w", 5.0, 3, 3, [(0, 0.0)], [])) == []
 
 
 def test_the_real_detector_follows_the_moving_face(clip, run):
