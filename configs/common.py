@@ -75,6 +75,9 @@ def base() -> ml_collections.ConfigDict:
   # Exponential moving average of the weights and batch statistics (e.g. 0.999): where > 0, the
   # average is what is evaluated each epoch, selected by val, tested and saved as the model.
   c.optim.ema_decay = 0.0
+  # Sharpness-aware minimisation (Foret et al. 2021): > 0 steps with the gradient taken at the
+  # weights moved by this radius up their gradient (twice the compute per step); 0 = off.
+  c.optim.sam_rho = 0.0
   c.optim.freeze = ""  # regex over parameter paths ("a/b/kernel") that get no updates
   c.optim.lr_scales = ()  # ((regex, factor), ...): learning-rate factors, e.g. (("^block", 0.1),)
 

@@ -131,6 +131,12 @@ def validate_config(config):
     group, name = key.split(".")
     if not 0 <= config[group][name] < 1:
       problems.append(f"{key}={config[group][name]!r}: expected 0 <= p < 1")
+  sam_rho = config.optim.sam_rho
+  if not isinstance(sam_rho, (int, float)) or sam_rho < 0:
+    problems.append(f"optim.sam_rho={sam_rho!r}: expected >= 0 (0 turns it off)")
+  elif sam_rho and config.optim.freeze:
+    problems.append(f"optim.sam_rho={sam_rho!r} with optim.freeze={config.optim.freeze!r}: SAM "
+                    "would move the frozen weights too; train without one of them")
   if problems:
     raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
 
@@ -166,7 +172,8 @@ def ema_decay_at(ema_decay: float, step):
 
 def make_train_step(model, tx, config, class_weights=None):
   """train_step(state, images, labels) -> (state, (loss, number correct)): one optimizer step
-  on one batch (augmentation and mixing inside, per-step keys from fold_in(rng, step)).
+  on one batch (augmentation and mixing inside, per-step keys from fold_in(rng, step); with
+  config.optim.sam_rho, a sharpness-aware one).
   `class_weights` [K]: the loss weights that config.optim.class_weights asks for, from
   fer.metrics.class_weights(train labels, ...). With config.distill.targets, `labels` is the
   pair (int labels [B], teacher probabilities [B, K]) and the targets mix the two."""
@@ -174,6 +181,7 @@ def make_train_step(model, tx, config, class_weights=None):
   label_smoothing = config.optim.label_smoothing
   distill_weight = config.distill.weight if config.distill.targets else None
   ema_decay = config.optim.ema_decay
+  sam_rho = config.optim.sam_rho
   if (config.optim.class_weights != "none") != (class_weights is not None):
     raise ValueError(f"optim.class_weights={config.optim.class_weights!r} and class_weights "
                      f"{'missing' if class_weights is None else 'given'}: pass "
@@ -202,6 +210,11 @@ def make_train_step(model, tx, config, class_weights=None):
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
+    if sam_rho:  # SAM: descend with the gradient at the weights rho up the gradient (same batch,
+      # augmentation and dropout; loss, accuracy and batch statistics stay the first pass's)
+      scale = sam_rho / (optax.tree.norm(grads) + 1e-12)
+      grads = jax.grad(lambda p: loss_fn(p)[0])(
+          jax.tree.map(lambda p, g: p + scale * g, state.params, grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     correct = jnp.sum(jnp.argmax(logits, -1) == labels)
