@@ -440,7 +440,8 @@ def test_main_reports_bad_config_files_and_search_keys(tmp_path, config, overrid
 def test_sam_steps_with_the_gradient_at_the_perturbed_weights():
   """optim.sam_rho: the update is the plain step's at params + rho * g / |g| (g: the plain
   gradient), on the same batch, augmentation and dropout; the batch statistics are the first
-  pass's. With SGD at learning rate 1 an update is minus the gradient it used."""
+  pass's. With SGD at learning rate 1 an update is minus the gradient it used. Then SAM steps
+  fit the batch, and bad values are refused."""
   c = tiny_config(**{"optim.name": "sgd", "optim.momentum": 0.0, "optim.learning_rate": 1.0,
                      "optim.schedule": "constant", "optim.weight_decay": 0.0,
                      "model.batch_norm": True, "model.dropout": 0.3})
@@ -465,14 +466,17 @@ def test_sam_steps_with_the_gradient_at_the_perturbed_weights():
   for x, y in zip(jax.tree.leaves(stepped.batch_stats), jax.tree.leaves(first.batch_stats)):
     np.testing.assert_array_equal(x, y)
   assert loss == plain(state, images, labels)[1][0]
-
-
-def test_sam_learns_synthetic_faces(tmp_path):
-  # (At 0.05 this tiny CNN without batch norm collapses to uniform outputs: a radius
-  # is a distance in weight space, and small networks want small ones.)
-  c = tiny_config(**{"optim.sam_rho": 0.01, "train.num_epochs": 3})
-  results = train.train_and_evaluate(c, str(tmp_path))
-  assert results["val/accuracy"] > 0.3, results["val/accuracy"]  # learning: chance is 1/7
+  # And it learns: AdamW steps with SAM fit the batch (radius 0.01: at 0.05 this tiny CNN's
+  # outputs collapse to uniform, a radius being a distance in weight space).
+  c.optim.update(name="adamw", learning_rate=1e-3, sam_rho=0.01)
+  tx_fn = lambda params: optim.make_optimizer(c.optim, params, 10, 1)[0]
+  state, _ = train.create_train_state(c, model, tx_fn, train.make_mesh(), (48, 48, 1))
+  sam = jax.jit(train.make_train_step(model, tx_fn(state.params), c))
+  losses = []
+  for _ in range(15):
+    state, (loss, _) = sam(state, images, labels)
+    losses.append(float(loss))
+  assert losses[-1] < 0.6 * losses[0], losses
   with pytest.raises(train.ConfigError, match="optim.sam_rho=-0.1"):
     train.validate_config(tiny_config(**{"optim.sam_rho": -0.1}))
   with pytest.raises(train.ConfigError, match="SAM would move the frozen weights"):
