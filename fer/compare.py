@@ -142,11 +142,9 @@ def compare(a, b, data=None, resamples: int = 10_000, seed: int = 0) -> dict:
     configs = [json.loads(runs.find_config_file(w).read_text()) for w in workdirs]
   except (runs.RunError, OSError, ValueError) as e:
     raise CompareError(str(e)) from e
-  for workdir, config in zip(workdirs[1:], configs[1:]):
-    differ = runs.split_differences(config["input"], configs[0]["input"])
-    if differ:
-      raise CompareError(f"{workdir} was trained on other splits than {workdirs[0]}: "
-                         f"{'; '.join(differ)}. Compare runs of one protocol.")
+  mismatch = runs.split_mismatch(workdirs, configs)
+  if mismatch:
+    raise CompareError(f"{mismatch}. Compare runs of one protocol.")
   if data is None:
     from fer import input_pipeline  # pylint: disable=import-outside-toplevel
     data = input_pipeline.load_splits(runs.load_config(workdirs[0]).input)

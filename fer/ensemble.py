@@ -62,14 +62,6 @@ def _read_json(path: pathlib.Path) -> dict:
     raise EnsembleError(f"{path}: cannot read it ({e}); is the run finished?") from e
 
 
-def _check_same_splits(workdirs, configs):
-  for workdir, config in zip(workdirs[1:], configs[1:]):
-    differ = runs.split_differences(config["input"], configs[0]["input"])
-    if differ:
-      raise EnsembleError(f"{workdir} was trained on other splits than {workdirs[0]}: "
-                          f"{'; '.join(differ)}. Ensemble runs of one protocol.")
-
-
 def _member_probs(workdir: pathlib.Path, results: dict, tta: str, data, mesh) -> tuple[dict, str]:
   """{'val', 'test'} -> probabilities [N, 7] of the member's best checkpoint, and their TTA.
   `results` is the member's results.json."""
@@ -150,7 +142,9 @@ def ensemble(workdirs, out, tta: str = "", data=None, select: str = "none",
                         f"probabilities would be overwritten. Give the ensemble a folder of its own.")
   configs = [_read_json(runs.find_config_file(w)) for w in workdirs]
   member_results = [_read_json(w / "results.json") for w in workdirs]
-  _check_same_splits(workdirs, configs)
+  mismatch = runs.split_mismatch(workdirs, configs)
+  if mismatch:
+    raise EnsembleError(f"{mismatch}. Ensemble runs of one protocol.")
   if data is None:
     data = input_pipeline.load_splits(runs.load_config(workdirs[0]).input)
   mesh = train.make_mesh()

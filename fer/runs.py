@@ -85,6 +85,16 @@ def split_differences(a, b) -> list[str]:
           if a.get(k) != b.get(k)]
 
 
+def split_mismatch(workdirs, configs) -> str | None:
+  """'<workdir> was trained on other splits than <first>: ...' for the first run whose config's
+  input splits the data unlike the first run's (configs: their config dicts); None if all agree."""
+  for workdir, config in zip(workdirs[1:], configs[1:]):
+    differ = split_differences(config["input"], configs[0]["input"])
+    if differ:
+      return f"{workdir} was trained on other splits than {workdirs[0]}: {'; '.join(differ)}"
+  return None
+
+
 def load_config(path) -> ml_collections.ConfigDict:
   """The resolved config a run was trained with (`path`: a workdir, checkpoint or the file)."""
   path = pathlib.Path(path)
