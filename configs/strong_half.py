@@ -8,7 +8,9 @@ The same config as configs/strong.py with --config.model.conv_features="(32,64,1
 command of the results table's rows strong_half_s0, _s1 and _s2 (README, "A strong config and
 ensembles"): 71.5%, 70.9% and 70.3% PrivateTest accuracy with ten-crop TTA (70.9% +- 0.6%; val
 69.2%, 68.9% and 69.2%), beside 71.9% +- 0.4% for the full width's four GPU seeds; 72.3% for
-the three as an ensemble.
+the three as an ensemble. 200 epochs (--config.train.num_epochs=200, row strong_half_e200_s0):
+val 70.0%, test 72.0% for seed 0 (its 100 epochs: 69.2%, 71.5%), but 1.1 points lower on the
+test faces without a near copy in Training.
 On the 2-core CPU (quiet AMD EPYC with AVX-512 BF16) it trains at 513 images/s against 175 for
 configs/strong.py (`python experiments/benchmark_train.py --config=configs/strong_half.py
 --max_images=2560 --epochs=2`), 53-64 s per epoch, 1.5-1.85 hours for 100 epochs; on one GPU

@@ -30,9 +30,11 @@ COMPARISONS = (
     ("cnn_nocopies_s0", "augment_nocopies_s0"),
     ("strong_s0", "strong_half_s0"),
     ("strong_half_s0", "strong_half_distilled_s0"),
+    ("strong_half_s0", "strong_half_e200_s0"),
     ("strong_half_ensemble", "strong_ensemble"),
     ("strong_ensemble", "strong_mx_ensemble"),
     ("strong_s0..s3", "strong_half_s0..s2"),
+    ("strong_half_s0..s2", "strong_half_e200_s0"),
     ("cnn_nocopies_s0..s2", "cnn_distilled_s0..s2"),
     ("augment_nocopies_s0..s2", "augment_distilled_s0..s2"),
 )
