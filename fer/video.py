@@ -37,6 +37,7 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import csv
 import dataclasses
+import functools
 import io
 import pathlib
 import sys
@@ -139,24 +140,24 @@ class Video:
   faces: list[Face]  # tracked (track_faces)
   note: str = ""  # why fewer frames were read than announced
 
+  @functools.cached_property
   def tracks(self) -> dict[int, list[Face]]:
+    """The faces of each track, by track (computed once: faces are tracked when given)."""
     out: dict[int, list[Face]] = {}
     for f in self.faces:
       out.setdefault(f.track, []).append(f)
     return dict(sorted(out.items()))
 
-  def main_track(self, tracks=None) -> int:
-    """The track seen in the most sampled frames (ties: the larger faces); 0: no face.
-    `tracks`: self.tracks(), if already at hand."""
-    tracks = self.tracks() if tracks is None else tracks
+  def main_track(self) -> int:
+    """The track seen in the most sampled frames (ties: the larger faces); 0: no face."""
+    tracks = self.tracks
     return max(tracks, key=lambda k: (len(tracks[k]), np.mean([f.box.w * f.box.h
                                                                  for f in tracks[k]])),
                default=0)
 
   def main_faces(self) -> dict[int, Face]:
     """The main track's face in each sampled frame it is seen in, by frame."""
-    tracks = self.tracks()
-    return {f.frame: f for f in tracks.get(self.main_track(tracks), [])}
+    return {f.frame: f for f in self.tracks.get(self.main_track(), [])}
 
   def summary(self) -> dict:
     def stats(faces):
@@ -166,9 +167,8 @@ class Video:
               "mean_probabilities": {c: float(p) for c, p in zip(
                   CLASSES, probs.mean(0) if len(faces) else np.zeros(len(CLASSES)))}}
 
-    tracks = self.tracks()
-    main_track = self.main_track(tracks)
-    main = tracks.get(main_track, [])
+    main_track = self.main_track()
+    main = self.tracks.get(main_track, [])
     return {
         "file": self.file, "fps": self.fps, "frames_read": self.frames_read,
         "frames_announced": self.frames_announced, "frames_sampled": len(self.sampled),
@@ -178,7 +178,7 @@ class Video:
         "main_track": main_track, "main_track_frames": len(main),
         **{f"main_track_{k}": v for k, v in stats(main).items()},
         "tracks": [{"track": k, "frames": len(fs), "first_s": fs[0].time, "last_s": fs[-1].time,
-                    **stats(fs)} for k, fs in tracks.items()],
+                    **stats(fs)} for k, fs in self.tracks.items()],
         "note": self.note,
     }
 
@@ -337,13 +337,11 @@ TIMELINE_TRACKS = 4  # at most this many tracks get a panel
 TIMELINE_MIN_SHARE = 0.1  # besides the main one, those seen in at least this share of frames
 
 
-def timeline_tracks(video: Video, tracks=None) -> list[int]:
+def timeline_tracks(video: Video) -> list[int]:
   """The tracks a timeline shows: the main one, then the others seen in TIMELINE_MIN_SHARE of
-  the sampled frames or more, the most seen first; at most TIMELINE_TRACKS. `tracks`:
-  video.tracks(), if already at hand."""
-  tracks = video.tracks() if tracks is None else tracks
-  main = video.main_track(tracks)
-  others = sorted(((-len(faces), k) for k, faces in tracks.items() if k != main and
+  the sampled frames or more, the most seen first; at most TIMELINE_TRACKS."""
+  main = video.main_track()
+  others = sorted(((-len(faces), k) for k, faces in video.tracks.items() if k != main and
                    len(faces) >= TIMELINE_MIN_SHARE * len(video.sampled)))
   return ([main] if main else []) + [k for _, k in others][:TIMELINE_TRACKS - 1]
 
@@ -352,8 +350,7 @@ def timeline(video: Video, path) -> pathlib.Path:
   """The probabilities of timeline_tracks(video) over the sampled frames' times (NaN where a
   track is not seen), a panel each."""
   times = np.array([t for _, t in video.sampled])
-  tracks = video.tracks()
-  shown = timeline_tracks(video, tracks)
+  shown, tracks = timeline_tracks(video), video.tracks
   panels = {}
   for k in shown:
     seen = {f.frame: f.probs for f in tracks[k]}
