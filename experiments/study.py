@@ -4,7 +4,7 @@ README's results table from them (nothing typed in by hand).
   python experiments/study.py collect runs/cnn_standard --name=cnn_standard \
       --command="python -m fer.main --config=configs/cnn.py --workdir=runs/cnn_standard"
   python experiments/study.py table      # rewrites experiments/results/results_table.md and
-                                         # the README's summary and results tables
+                                         # the README's summary, ensembles and results tables
 
 `collect` copies a finished run's small files (results.json, config.json, metrics.jsonl with the
 per-epoch history, the PNGs, the val/test probabilities; never checkpoints or data) and writes
@@ -27,6 +27,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 SUMMARY_START, SUMMARY_END = "<!-- summary:start -->", "<!-- summary:end -->"
+ENSEMBLES_START, ENSEMBLES_END = "<!-- ensembles:start -->", "<!-- ensembles:end -->"
 
 # The original Keras study's test accuracies (protocol `seed`), by config name.
 ORIGINAL = {"cnn": 0.527, "augment": 0.566, "vgg16_cached": 0.439, "vgg16_frozen": 0.393}
@@ -221,6 +222,38 @@ def _summary(headlines):
   return "\n".join(lines) + "\n"
 
 
+def _members(r) -> str:
+  """An ensemble's members as run names (`name x2` for a weight of 2); for a greedy selection,
+  how many of how many runs it kept."""
+  names = [(pathlib.PurePath(m["workdir"]).name, m.get("weight", 1)) for m in r["members"]]
+  kept = [(n, w) for n, w in names if w]
+  text = ", ".join(n if w == 1 else f"{n} x{w}" for n, w in kept)
+  if r.get("selection") not in (None, "none"):
+    text = (f"{r['selection']} selection by val from {len(names)} runs: {len(kept)} kept, "
+            f"{sum(w for _, w in kept)} picks")
+  return text
+
+
+def _ensembles(dirs) -> str:
+  """The ensembles of protocol `standard`, best val accuracy first: members, val and test
+  accuracy, test accuracy on the faces without a near copy in Training, and how often two
+  members agree on val (README, "A strong config and ensembles")."""
+  lines = ["| ensemble | members | val acc | test acc | test acc, faces without a near copy in "
+           "Training | members agree (val) |", "|---|---|---:|---:|---:|---:|"]
+  rows = []
+  for d in dirs:
+    r = json.loads((d / "results.json").read_text())
+    if ("members" not in r
+        or json.loads((d / "config.json").read_text())["input"]["protocol"] != "standard"):
+      continue
+    no_copy, agree = r.get("test/accuracy_no_train_copy"), r.get("val/member_agreement")
+    rows.append((-r["val/accuracy"], -r["test/accuracy"], d.name,
+                 f"| {d.name} | {_members(r)} | {r['val/accuracy']:.1%} | "
+                 f"**{r['test/accuracy']:.1%}** | {'' if no_copy is None else f'{no_copy:.1%}'} | "
+                 f"{'' if agree is None else f'{agree:.1%}'} |"))
+  return "\n".join(lines + [row for *_, row in sorted(rows)]) + "\n"
+
+
 def between(body, start, end, text):
   """body with the text between the markers start and end replaced by text (if both are in)."""
   if start not in body or end not in body:
@@ -275,35 +308,38 @@ def _run_dirs(results_root):
                 if (d / "results.json").is_file() and (d / "run.json").is_file())
 
 
-def tables(results_root=RESULTS) -> tuple[str, str]:
-  """The results table (a row per collected run, then a mean row per seed group) and the
-  summary table, as markdown, from the runs in `results_root`; writes nothing."""
+def tables(results_root=RESULTS) -> tuple[str, str, str]:
+  """The results table (a row per collected run, then a mean row per seed group), the
+  summary table and the ensembles table, as markdown, from the runs in `results_root`; writes
+  nothing."""
   dirs = _run_dirs(results_root)
   lines = ["| run | protocol | val acc | test acc | original study (test) | test macro-F1 | "
            "parameters | epochs (best) | train time | machine | command |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
   lines += [_row(d.name, d) for d in dirs]
   lines += _seed_rows(dirs)
-  return "\n".join(lines) + "\n", _summary(_headlines(dirs))
+  return "\n".join(lines) + "\n", _summary(_headlines(dirs)), _ensembles(dirs)
 
 
-def with_tables(body: str, text: str, summary: str) -> str:
-  """The README text body with the results table text and the summary table put in."""
-  return between(between(body, START, END, text), SUMMARY_START, SUMMARY_END, summary)
+def with_tables(body: str, text: str, summary: str, ensembles: str = "") -> str:
+  """The README text body with the results table text, the summary table and the ensembles
+  table put in."""
+  body = between(between(body, START, END, text), SUMMARY_START, SUMMARY_END, summary)
+  return between(body, ENSEMBLES_START, ENSEMBLES_END, ensembles) if ensembles else body
 
 
 def table(results_root=RESULTS, readme=REPO / "README.md"):
   """Rewrites results_table.md, per_class_accuracy.png, val_curves.png and the README's tables
-  (the summary and the results) from the runs collected in `results_root`; with no new runs
+  (the summary, the ensembles and the results) from the runs collected in `results_root`; with no new runs
   nothing changes."""
   results_root, readme = pathlib.Path(results_root), pathlib.Path(readme)
-  text, summary = tables(results_root)
+  text, summary, ensembles = tables(results_root)
   _write_text(results_root / "results_table.md", text)
   dirs = _run_dirs(results_root)
   _per_class_figure(_headlines(dirs), results_root)
   _curves_figure(dirs, results_root)
   body = readme.read_text()
-  new = with_tables(body, text, summary)
+  new = with_tables(body, text, summary, ensembles)
   if new != body:
     _write_text(readme, new)
   print(text)

@@ -120,12 +120,44 @@ def test_summary_table_gives_each_experiment_its_seed_groups_and_ensembles(tmp_p
 
 
 def test_committed_tables_are_the_ones_the_committed_runs_give():
-  """README.md's summary and results tables and experiments/results/results_table.md are what
+  """README.md's summary, ensembles and results tables and experiments/results/results_table.md
+  are what
   `python experiments/study.py table` makes of experiments/results/: nobody edited a number by
   hand, and no collected run is missing from them (run that command after `collect`)."""
-  text, summary = study.tables()
+  text, summary, ensembles = study.tables()
   assert text.count("\n") > 50
   readme = (REPO / "README.md").read_text()
-  assert study.with_tables(readme, text, summary) == readme, (
+  assert study.ENSEMBLES_START in readme and study.ENSEMBLES_END in readme
+  assert study.with_tables(readme, text, summary, ensembles) == readme, (
       "README.md's tables differ from experiments/results/: run `python experiments/study.py table`")
   assert (study.RESULTS / "results_table.md").read_text() == text
+
+
+def test_ensembles_table_lists_the_standard_ensembles_best_val_first(tmp_path):
+  results = tmp_path / "results"
+  members = [{"workdir": f"experiments/results/strong_s{k}", "tta": "tencrop", "weight": 1}
+             for k in range(3)]
+  for name, val, test, protocol, extra in [
+      ("strong_ensemble", 0.70, 0.72, "standard",
+       {"members": members, "test/accuracy_no_train_copy": 0.69, "val/member_agreement": 0.866}),
+      ("mixed_ensemble", 0.71, 0.73, "standard", {"members": members[:2]}),
+      ("greedy_ensemble", 0.72, 0.71, "standard",
+       {"members": [dict(m, weight=w) for m, w in zip(members, (0, 3, 1))],
+        "selection": "greedy"}),
+      ("cnn_seed_ensemble", 0.9, 0.9, "seed", {"members": members}),  # another protocol
+      ("strong_s0", 0.95, 0.95, "standard", {})]:  # a single run
+    d = _fake_run(tmp_path / "runs" / name, test, protocol)
+    r = json.loads((d / "results.json").read_text())
+    (d / "results.json").write_text(json.dumps({**r, "val/accuracy": val, **extra}))
+    study.collect(d, name, "cmd", "m", results)
+  rows = study.tables(results)[2].splitlines()[2:]
+  assert rows == [
+      "| greedy_ensemble | greedy selection by val from 3 runs: 2 kept, 4 picks | 72.0% | "
+      "**71.0%** |  |  |",
+      "| mixed_ensemble | strong_s0, strong_s1 | 71.0% | **73.0%** |  |  |",
+      "| strong_ensemble | strong_s0, strong_s1, strong_s2 | 70.0% | **72.0%** | 69.0% | 86.6% |"]
+  readme = tmp_path / "README.md"
+  readme.write_text(f"a\n{study.ENSEMBLES_START}\nold\n{study.ENSEMBLES_END}\nb\n")
+  study.table(results, readme)
+  assert readme.read_text() == (f"a\n{study.ENSEMBLES_START}\n" + study.tables(results)[2]
+                                + f"{study.ENSEMBLES_END}\nb\n")
