@@ -96,7 +96,7 @@ def bench(model_name, group_size, num_chunks, k, batch_size):
   t_all = time.perf_counter()
   tx = search.group_optimizer(base.optim, steps_per_epoch, 1, decay=False)
   init = jax.jit(search.make_group_init(model, tx, (48, 48, 1), jnp.uint8),
-                 out_shardings=replicated)
+                 out_shardings=replicated, compiler_options=train.init_compiler_options())
   state = init(jnp.stack([jax.random.PRNGKey(c.seed) for c in configs]),
                jnp.asarray(lrs, jnp.float32), jnp.zeros(group_size, jnp.float32))
   fn = search.make_group_chunk(model, tx, base, mesh, k)

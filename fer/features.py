@@ -72,7 +72,8 @@ def _seeded_base(seed: int, sample_shape: tuple[int, ...]) -> dict:
   k_init, _ = jax.random.split(jax.random.PRNGKey(seed))  # as fer.train.create_train_state
   init = jax.jit(lambda k: model.init({"params": k, "dropout": k},
                                       jnp.zeros((1,) + sample_shape, jnp.uint8),
-                                      method=vgg16.VGG16.features)["params"])
+                                      method=vgg16.VGG16.features)["params"],
+                 compiler_options=train.init_compiler_options())
   params = jax.tree.map(np.array, init(k_init))
   for leaf in jax.tree.leaves(params):
     leaf.flags.writeable = False  # shared by every caller

@@ -333,7 +333,7 @@ def train_group(configs, workdir, data, sources=None, names=None) -> list[dict]:
   tx = group_optimizer(c0.optim, steps_per_epoch, num_epochs,
                        decay=any(c.optim.weight_decay for c in configs))
   init = jax.jit(make_group_init(model, tx, train_x.shape[1:], train_x.dtype, c0),
-                 out_shardings=replicated)
+                 out_shardings=replicated, compiler_options=train.init_compiler_options())
 
 
   with checkpointing.WorkdirLock(workdir):
