@@ -227,11 +227,10 @@ def _members(r) -> str:
   how many of how many runs it kept."""
   names = [(pathlib.PurePath(m["workdir"]).name, m.get("weight", 1)) for m in r["members"]]
   kept = [(n, w) for n, w in names if w]
-  text = ", ".join(n if w == 1 else f"{n} x{w}" for n, w in kept)
   if r.get("selection") not in (None, "none"):
-    text = (f"{r['selection']} selection by val from {len(names)} runs: {len(kept)} kept, "
+    return (f"{r['selection']} selection by val from {len(names)} runs: {len(kept)} kept, "
             f"{sum(w for _, w in kept)} picks")
-  return text
+  return ", ".join(n if w == 1 else f"{n} x{w}" for n, w in kept)
 
 
 def _ensembles(dirs) -> str:
@@ -321,17 +320,17 @@ def tables(results_root=RESULTS) -> tuple[str, str, str]:
   return "\n".join(lines) + "\n", _summary(_headlines(dirs)), _ensembles(dirs)
 
 
-def with_tables(body: str, text: str, summary: str, ensembles: str = "") -> str:
+def with_tables(body: str, text: str, summary: str, ensembles: str) -> str:
   """The README text body with the results table text, the summary table and the ensembles
   table put in."""
   body = between(between(body, START, END, text), SUMMARY_START, SUMMARY_END, summary)
-  return between(body, ENSEMBLES_START, ENSEMBLES_END, ensembles) if ensembles else body
+  return between(body, ENSEMBLES_START, ENSEMBLES_END, ensembles)
 
 
 def table(results_root=RESULTS, readme=REPO / "README.md"):
   """Rewrites results_table.md, per_class_accuracy.png, val_curves.png and the README's tables
-  (the summary, the ensembles and the results) from the runs collected in `results_root`; with no new runs
-  nothing changes."""
+  (the summary, the ensembles and the results) from the runs collected in `results_root`; with
+  no new runs nothing changes."""
   results_root, readme = pathlib.Path(results_root), pathlib.Path(readme)
   text, summary, ensembles = tables(results_root)
   _write_text(results_root / "results_table.md", text)

@@ -121,9 +121,9 @@ def test_summary_table_gives_each_experiment_its_seed_groups_and_ensembles(tmp_p
 
 def test_committed_tables_are_the_ones_the_committed_runs_give():
   """README.md's summary, ensembles and results tables and experiments/results/results_table.md
-  are what
-  `python experiments/study.py table` makes of experiments/results/: nobody edited a number by
-  hand, and no collected run is missing from them (run that command after `collect`)."""
+  are what `python experiments/study.py table` makes of experiments/results/: nobody edited a
+  number by hand, and no collected run is missing from them (run that command after
+  `collect`)."""
   text, summary, ensembles = study.tables()
   assert text.count("\n") > 50
   readme = (REPO / "README.md").read_text()
