@@ -13,6 +13,7 @@ run.json with the command and the machine that ran it.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -119,78 +120,101 @@ def _seed_group(name: str) -> str | None:
   return match.group(1) if match else None
 
 
-def _host(d) -> str:
-  """'<machine>; <devices>' of a collected run, from its run.json."""
-  info = json.loads((d / "run.json").read_text())
-  return f"{info['machine']}; {info['devices']}"
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """A collected run: its folder and its results.json, config.json and run.json, read once for
+  every table and figure."""
+  dir: pathlib.Path
+  results: dict
+  config: dict
+  info: dict
+
+  @property
+  def name(self) -> str:
+    return self.dir.name
+
+  @property
+  def protocol(self) -> str:
+    return self.config["input"]["protocol"]
+
+  @property
+  def host(self) -> str:
+    """'<machine>; <devices>', from run.json."""
+    return f"{self.info['machine']}; {self.info['devices']}"
+
+  def original(self, name: str | None = None) -> float | None:
+    """The original study's test accuracy for this run's config (or for the group `name`)."""
+    return _original(name or self.name, self.protocol,
+                     self.config.get("model", {}).get("name", ""))
 
 
-def _row(name, d):
-  r = json.loads((d / "results.json").read_text())
-  c = json.loads((d / "config.json").read_text())
-  info = json.loads((d / "run.json").read_text())
-  protocol = c["input"]["protocol"]
-  original = _original(name, protocol, c.get("model", {}).get("name", ""))
-  return (f"| {name} | {protocol} | {r['val/accuracy']:.1%} | **{r['test/accuracy']:.1%}** | "
-          f"{'' if original is None else f'{original:.1%}'} | {r['test/macro_f1']:.3f} | "
-          f"{r['num_params']:,} | {r['epochs_trained']} ({r['best_epoch']}) | "
-          f"{r['train_seconds'] / 60:.0f} min | {info['machine']}; {info['devices']} | "
-          f"`{info['command']}` |")
+def _runs(results_root) -> list[_Run]:
+  """The runs collected in results_root (folders with results.json and run.json), by name."""
+  dirs = sorted(d for d in pathlib.Path(results_root).iterdir()
+                if (d / "results.json").is_file() and (d / "run.json").is_file())
+  return [_Run(d, *(json.loads((d / f).read_text())
+                    for f in ("results.json", "config.json", "run.json"))) for d in dirs]
 
 
-def _seed_rows(dirs):
+def _row(run: _Run) -> str:
+  r, original = run.results, run.original()
+  return (f"| {run.name} | {run.protocol} | {r['val/accuracy']:.1%} | "
+          f"**{r['test/accuracy']:.1%}** | {'' if original is None else f'{original:.1%}'} | "
+          f"{r['test/macro_f1']:.3f} | {r['num_params']:,} | {r['epochs_trained']} "
+          f"({r['best_epoch']}) | {r['train_seconds'] / 60:.0f} min | {run.host} | "
+          f"`{run.info['command']}` |")
+
+
+def _seed_rows(runs: list[_Run]):
   """One summary row per group of runs named <base>_s<seed> (2 or more): mean and spread."""
   groups = {}
-  for d in dirs:
-    if group := _seed_group(d.name):
-      groups.setdefault(group, []).append(d)
+  for run in runs:
+    if group := _seed_group(run.name):
+      groups.setdefault(group, []).append(run)
   rows = []
   for base, members in sorted(groups.items()):
     if len(members) < 2:
       continue
-    rs = [json.loads((d / "results.json").read_text()) for d in members]
-    config = json.loads((members[0] / "config.json").read_text())
-    protocol = config["input"]["protocol"]
+    rs = [m.results for m in members]
     val, test = (np.array([r[k] for r in rs]) for k in ("val/accuracy", "test/accuracy"))
-    original = _original(base, protocol, config.get("model", {}).get("name", ""))
-    hosts = [_host(d) for d in members]
+    original = members[0].original(base)
+    hosts = [m.host for m in members]
     if len(set(hosts)) == 1:
       where = hosts[0]
       time = f"{np.mean([r['train_seconds'] for r in rs]) / 60:.0f} min each"
     else:  # members ran on different machines: no mean time, each machine named
       where = "mixed: " + " / ".join(
-          f"{', '.join(d.name for d, h in zip(members, hosts) if h == host)} on {host}"
+          f"{', '.join(m.name for m, h in zip(members, hosts) if h == host)} on {host}"
           for host in sorted(set(hosts)))
       time = "see the runs"
     rows.append(
-        f"| {base} (mean ± std of {len(rs)} seeds) | {protocol} | {val.mean():.1%} ± "
+        f"| {base} (mean ± std of {len(rs)} seeds) | {members[0].protocol} | {val.mean():.1%} ± "
         f"{val.std(ddof=1):.1%} | **{test.mean():.1%} ± {test.std(ddof=1):.1%}** | "
         f"{'' if original is None else f'{original:.1%}'} | "
         f"{np.mean([r['test/macro_f1'] for r in rs]):.3f} | {rs[0]['num_params']:,} | | "
-        f"{time} | {where} | runs {', '.join(d.name for d in members)} |")
+        f"{time} | {where} | runs {', '.join(m.name for m in members)} |")
   return rows
 
 
-def _headline(dirs, config, protocol, variant: str = "") -> tuple[dict, dict]:
+def _headline(runs: list[_Run], config, protocol, variant: str = "") -> tuple[dict, dict]:
   """The headline runs of `config` in `protocol`, as ({seed run: results.json}, {ensemble:
   results.json}): those named <config>[_<protocol>]_s<k> and ..._ensemble, or with a `variant`
   <config>_<variant>_s<k> and ..._ensemble (other variants, such as strong_e30_s0 or
   cnn_standard_gpu, are left to the results table)."""
   infix = f"_{re.escape(variant)}" if variant else f"(_{protocol})?"
   name = re.compile(rf"{re.escape(config)}{infix}_(s\d+|ensemble)")
-  runs = {d.name: json.loads((d / "results.json").read_text())
-          for d in filter(lambda d: name.fullmatch(d.name), dirs)  # read only the matching runs
-          if json.loads((d / "config.json").read_text())["input"]["protocol"] == protocol}
-  ensembles = {n: r for n, r in runs.items() if n.endswith("_ensemble")}
-  return {n: r for n, r in runs.items() if n not in ensembles}, ensembles
+  matching = {run.name: run.results for run in runs
+              if name.fullmatch(run.name) and run.protocol == protocol}
+  ensembles = {n: r for n, r in matching.items() if n.endswith("_ensemble")}
+  return {n: r for n, r in matching.items() if n not in ensembles}, ensembles
 
 
-def _headlines(dirs) -> dict:
-  """(runs, protocol) -> _headline's (seeds, ensembles), for each of EXPERIMENTS: read once
-  for the summary table and the per-class figure."""
-  out = {(name, protocol): _headline(dirs, name, protocol)
+def _headlines(runs: list[_Run]) -> dict:
+  """(runs, protocol) -> _headline's (seeds, ensembles), for each of EXPERIMENTS: for the
+  summary table and the per-class figure."""
+  out = {(name, protocol): _headline(runs, name, protocol)
          for *_, name in EXPERIMENTS for protocol in PROTOCOLS}
-  out.update({(name, NOCOPIES): _headline(dirs, name, "standard", NOCOPIES)
+  out.update({(name, NOCOPIES): _headline(runs, name, "standard", NOCOPIES)
               for *_, name in EXPERIMENTS})
   return out
 
@@ -233,21 +257,20 @@ def _members(r) -> str:
   return ", ".join(n if w == 1 else f"{n} x{w}" for n, w in kept)
 
 
-def _ensembles(dirs) -> str:
+def _ensembles(runs: list[_Run]) -> str:
   """The ensembles of protocol `standard`, best val accuracy first: members, val and test
   accuracy, test accuracy on the faces without a near copy in Training, and how often two
   members agree on val (README, "A strong config and ensembles")."""
   lines = ["| ensemble | members | val acc | test acc | test acc, faces without a near copy in "
            "Training | members agree (val) |", "|---|---|---:|---:|---:|---:|"]
   rows = []
-  for d in dirs:
-    r = json.loads((d / "results.json").read_text())
-    if ("members" not in r
-        or json.loads((d / "config.json").read_text())["input"]["protocol"] != "standard"):
+  for run in runs:
+    r = run.results
+    if "members" not in r or run.protocol != "standard":
       continue
     no_copy, agree = r.get("test/accuracy_no_train_copy"), r.get("val/member_agreement")
-    rows.append((-r["val/accuracy"], -r["test/accuracy"], d.name,
-                 f"| {d.name} | {_members(r)} | {r['val/accuracy']:.1%} | "
+    rows.append((-r["val/accuracy"], -r["test/accuracy"], run.name,
+                 f"| {run.name} | {_members(r)} | {r['val/accuracy']:.1%} | "
                  f"**{r['test/accuracy']:.1%}** | {'' if no_copy is None else f'{no_copy:.1%}'} | "
                  f"{'' if agree is None else f'{agree:.1%}'} |"))
   return "\n".join(lines + [row for *_, row in sorted(rows)]) + "\n"
@@ -285,39 +308,38 @@ def _per_class_figure(headlines, results_root):
     plots.per_class_accuracy(panels, classes, results_root / "per_class_accuracy.png")
 
 
-def _curves_figure(dirs, results_root):
+def _curves_figure(runs: list[_Run], results_root):
   """experiments/results/val_curves.png: val accuracy per epoch of every run that kept its
   metrics.jsonl, one panel per config, a colour per seed group (cnn_seed_s0..s2 alike)."""
   sys.path.insert(0, str(REPO))
   from fer import plots  # pylint: disable=import-outside-toplevel
   panels = {}
-  for d in dirs:
-    if (d / "metrics.jsonl").is_file():
-      rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l]
-      config = _config_name(d.name) or d.name.split("_")[0]
-      panels.setdefault(config, {})[d.name] = [r["val/accuracy"] for r in rows]
+  for run in runs:
+    if (run.dir / "metrics.jsonl").is_file():
+      rows = [json.loads(l) for l in (run.dir / "metrics.jsonl").read_text().splitlines() if l]
+      config = _config_name(run.name) or run.name.split("_")[0]
+      panels.setdefault(config, {})[run.name] = [r["val/accuracy"] for r in rows]
   if panels:
     plots.val_curves(panels, results_root / "val_curves.png",
                      ylabel="val accuracy after each epoch (no TTA)",
                      family=lambda name: _seed_group(name) or name)
 
 
-def _run_dirs(results_root):
-  return sorted(d for d in pathlib.Path(results_root).iterdir()
-                if (d / "results.json").is_file() and (d / "run.json").is_file())
+def _tables(runs: list[_Run], headlines: dict) -> tuple[str, str, str]:
+  lines = ["| run | protocol | val acc | test acc | original study (test) | test macro-F1 | "
+           "parameters | epochs (best) | train time | machine | command |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+  lines += [_row(run) for run in runs]
+  lines += _seed_rows(runs)
+  return "\n".join(lines) + "\n", _summary(headlines), _ensembles(runs)
 
 
 def tables(results_root=RESULTS) -> tuple[str, str, str]:
   """The results table (a row per collected run, then a mean row per seed group), the
   summary table and the ensembles table, as markdown, from the runs in `results_root`; writes
   nothing."""
-  dirs = _run_dirs(results_root)
-  lines = ["| run | protocol | val acc | test acc | original study (test) | test macro-F1 | "
-           "parameters | epochs (best) | train time | machine | command |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-  lines += [_row(d.name, d) for d in dirs]
-  lines += _seed_rows(dirs)
-  return "\n".join(lines) + "\n", _summary(_headlines(dirs)), _ensembles(dirs)
+  runs = _runs(results_root)
+  return _tables(runs, _headlines(runs))
 
 
 def with_tables(body: str, text: str, summary: str, ensembles: str) -> str:
@@ -332,11 +354,12 @@ def table(results_root=RESULTS, readme=REPO / "README.md"):
   (the summary, the ensembles and the results) from the runs collected in `results_root`; with
   no new runs nothing changes."""
   results_root, readme = pathlib.Path(results_root), pathlib.Path(readme)
-  text, summary, ensembles = tables(results_root)
+  runs = _runs(results_root)
+  headlines = _headlines(runs)
+  text, summary, ensembles = _tables(runs, headlines)
   _write_text(results_root / "results_table.md", text)
-  dirs = _run_dirs(results_root)
-  _per_class_figure(_headlines(dirs), results_root)
-  _curves_figure(dirs, results_root)
+  _per_class_figure(headlines, results_root)
+  _curves_figure(runs, results_root)
   body = readme.read_text()
   new = with_tables(body, text, summary, ensembles)
   if new != body:
