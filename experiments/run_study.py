@@ -34,7 +34,9 @@ flags>` (# comments and blank lines skipped), each into <root>/<name>, collected
 `--deadline_s=S`: S seconds after the start, the runs still going get SIGTERM (fer.main then
 saves the epoch it is in and stops; SIGKILL --grace_s later if it has not), nothing more is
 started, and the command exits 124; repeating it resumes them. experiments/offline_gpu.sh runs a
-plan this way on a GPU machine with a time limit.
+plan this way on a GPU machine with a time limit. A plan's run already collected into
+--results/<name>/ counts as complete even when its workdir is gone (a fresh checkout has no
+runs/): delete the collected folder to train it again.
 
 Data: $FER2013_ARCHIVE (and $FER_DATA_DIR) as for fer.main. The VGG16 runs need the pretrained
 weights (fer/pretrained.py says how to get them); `--vgg16_weights=none` trains them from
@@ -255,8 +257,14 @@ def main(argv=None) -> int:
   if not todo:
     print(f"--only={args.only!r} matches no experiment", file=sys.stderr)
     return 2
+  def complete(e) -> pathlib.Path | None:
+    """The final file that says e is complete: in its workdir, or for a plan's run (nothing reads
+    those workdirs afterwards) in the copy an earlier checkout collected into --results."""
+    collected = pathlib.Path(args.results) / e.name / e.done_file
+    return next((f for f in (e.done(root), args.plan and collected) if f and f.is_file()), None)
+
   if args.count:
-    print(sum(not e.done(root).is_file() for e in todo))
+    print(sum(not complete(e) for e in todo))
     return 0
   number = {e.name: i for i, e in enumerate(todo, 1)}
   tag = lambda e: f"[{number[e.name]}/{len(todo)}] {e.name}"  # pylint: disable=unnecessary-lambda-assignment
@@ -295,10 +303,13 @@ def main(argv=None) -> int:
           failed.append(e.name)
           print(f"{tag(e)}: not run, it needs {', '.join(d for d in deps if d in failed)}, "
                 "which failed", flush=True)
-        elif e.done(root).is_file():
+        elif done_file := complete(e):
           pending.remove(e)
-          print(f"{tag(e)}: complete ({e.done(root)}), skipped", flush=True)
-          finish(e)
+          print(f"{tag(e)}: complete ({done_file}), skipped", flush=True)
+          if done_file == e.done(root):  # (already collected otherwise)
+            finish(e)
+          else:
+            done.add(e.name)
         elif args.dry_run:
           pending.remove(e)
           print(f"{tag(e)}: would run {command(e)}", flush=True)

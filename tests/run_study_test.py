@@ -228,6 +228,22 @@ def test_count_prints_how_many_runs_are_not_complete(tmp_path, capsys):
   assert run_study.main(args + ["--only=a"]) == 0 and capsys.readouterr().out == "0\n"
 
 
+def test_a_plan_skips_runs_collected_by_an_earlier_checkout(tmp_path, capsys):
+  # A fresh checkout has experiments/results/<name>/ but no runs/<name>/: not trained again.
+  plan = tmp_path / "plan.txt"
+  plan.write_text("a --config=configs/cnn.py\nb --config=configs/cnn.py\n")
+  results = tmp_path / "results"
+  (results / "a").mkdir(parents=True)
+  (results / "a" / "results.json").write_text("{}")
+  args = ["--root", str(tmp_path / "r"), "--plan", str(plan), "--results", str(results)]
+  assert run_study.main(args + ["--count"]) == 0 and capsys.readouterr().out == "1\n"
+  assert run_study.main(args + ["--dry_run"]) == 0
+  out = capsys.readouterr().out
+  assert f"a: complete ({results / 'a' / 'results.json'}), skipped" in out, out
+  assert "b: would run" in out, out
+  assert not (tmp_path / "r" / "a").exists()
+
+
 @pytest.mark.parametrize("text, expected", [
     ("only_a_name\n", ":1: bad line 'only_a_name'"),
     ("# a comment\nbad/name --config=configs/cnn.py\n", ":2: bad line 'bad/name"),
