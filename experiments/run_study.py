@@ -257,6 +257,7 @@ def main(argv=None) -> int:
   if not todo:
     print(f"--only={args.only!r} matches no experiment", file=sys.stderr)
     return 2
+
   def complete(e) -> pathlib.Path | None:
     """The final file that says e is complete: in its workdir, or for a plan's run (nothing reads
     those workdirs afterwards) in the copy an earlier checkout collected into --results."""
