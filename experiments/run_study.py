@@ -261,8 +261,10 @@ def main(argv=None) -> int:
   def complete(e) -> pathlib.Path | None:
     """The final file that says e is complete: in its workdir, or for a plan's run (nothing reads
     those workdirs afterwards) in the copy an earlier checkout collected into --results."""
+    if e.done(root).is_file():
+      return e.done(root)
     collected = pathlib.Path(args.results) / e.name / e.done_file
-    return next((f for f in (e.done(root), args.plan and collected) if f and f.is_file()), None)
+    return collected if args.plan and collected.is_file() else None
 
   if args.count:
     print(sum(not complete(e) for e in todo))
