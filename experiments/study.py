@@ -46,6 +46,9 @@ EXPERIMENTS = (
     ("beyond the study: mini-Xception (Arriaga et al. 2017: 66%), 58k parameters, a model of "
      "your own; 100 epochs (`--config.train.num_epochs=100`)", "mini_xception",
      "mini_xception_e100"),
+    ("beyond the study: a ResNet-18 layout at half width (32-256 filters), 50 epochs "
+     "(`--config.model.conv_features=\"(32,64,128,256)\" --config.train.num_epochs=50`)",
+     "strong_resnet", "strong_resnet_half_e50"),
 )
 # The protocols of the summary table's columns and the per-class figure's panels.
 PROTOCOLS = ("seed", "standard")
