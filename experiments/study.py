@@ -57,7 +57,8 @@ PROTOCOLS = ("seed", "standard")
 NOCOPIES = "nocopies"
 # val/test probabilities (100 KB each) let `python -m fer.ensemble` rebuild ensembles from here.
 SMALL_FILES = ("results.json", "config.json", "metrics.jsonl", "confusion_matrix.png",
-               "learning_curves.png", "reliability.png", "val_probs.npy", "test_probs.npy")
+               "learning_curves.png", "reliability.png", "agreement.png", "val_probs.npy",
+               "test_probs.npy")
 
 
 def cpu_model() -> str:

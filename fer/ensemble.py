@@ -22,10 +22,12 @@ run picked k times weighs k. Test plays no part in the choice.
 Writes into --out: results.json (val/test accuracy, macro-F1, per-class accuracy and confusion
 matrix, as a training run does, plus each member's own accuracies and weight (with --select,
 candidates left out weigh 0) and how often two members predict the same class,
+`<split>/pairwise_agreement` (a matrix, members in order) and its mean over pairs
 `<split>/member_agreement`, and calibration: `<split>/ece`, the `temperature` fit on val and
 test's ECE and NLL after it), config.json (the first member's config and the member list; with
 --select, the first chosen member's, the candidates and weights), val_probs.npy, test_probs.npy,
-confusion_matrix.png and reliability.png.
+confusion_matrix.png, reliability.png and agreement.png (val's pairwise agreement: which members
+are most alike, and which add most variety).
 """
 
 from fer import xla_flags
@@ -91,6 +93,14 @@ def _member_ttas(tta: str, n: int) -> list[str]:
 
 
 SELECT_MODES = ("none", "greedy")
+
+
+def agreement(probs) -> np.ndarray:
+  """How often each two members predict the same class: from probabilities [M, N, K] a
+  symmetric [M, M] matrix of the share of the N images where both argmaxes agree (ones on the
+  diagonal)."""
+  votes = np.asarray(probs).argmax(-1)
+  return (votes[:, None, :] == votes[None, :, :]).mean(-1)
 
 
 def greedy_selection(val_probs, labels, rounds: int) -> np.ndarray:
@@ -180,11 +190,12 @@ def ensemble(workdirs, out, tta: str = "", data=None, select: str = "none",
     mean = means[s] = np.average(probs[s], axis=0, weights=weights[kept]).astype(np.float32)
     fileio.save_npy_atomic(out / f"{s}_probs.npy", mean)
     split_metrics.update(metrics_lib.classification_metrics(mean, data[s]["label"], s))
-    # How often two members predict the same class (mean over pairs): near 1, little to gain.
-    votes = [p.argmax(1) for p in probs[s]]
-    if len(votes) > 1:
-      split_metrics[f"{s}/member_agreement"] = float(np.mean(
-          [(a == b).mean() for i, a in enumerate(votes) for b in votes[i + 1:]]))
+    # How often two members predict the same class (per pair, and the mean over pairs): near 1,
+    # little to gain.
+    if len(kept) > 1:
+      agree = agreement(probs[s])
+      split_metrics[f"{s}/pairwise_agreement"] = agree.round(6).tolist()
+      split_metrics[f"{s}/member_agreement"] = float(agree[np.triu_indices(len(kept), 1)].mean())
   results = {
       "val/accuracy": split_metrics["val/accuracy"],
       "test/accuracy": split_metrics["test/accuracy"],
@@ -225,13 +236,18 @@ def ensemble(workdirs, out, tta: str = "", data=None, select: str = "none",
                          out / "confusion_matrix.png",
                          title=f"ensemble of {len(kept)}: test accuracy "
                                f"{results['test/accuracy']:.3f}")
+  if len(kept) > 1:
+    plots.agreement_matrix(results["val/pairwise_agreement"],
+                           [pathlib.PurePath(workdirs[i]).name for i in kept],
+                           out / "agreement.png",
+                           title=f"ensemble of {len(kept)}: how often two members agree (val)")
   dropped = all(configs[i].get("input", {}).get("drop_train_copies", False) for i in kept)
-  agreement = (f"; the members agree on {results['val/member_agreement']:.1%} of val images "
-               f"(mean over pairs)" if len(kept) > 1 else "")
+  agree_words = (f"; the members agree on {results['val/member_agreement']:.1%} of val images "
+                 f"(mean over pairs)" if len(kept) > 1 else "")
   print(f"Ensemble of {len(kept)}: val/accuracy {results['val/accuracy']:.4f}, test/accuracy "
         f"{results['test/accuracy']:.4f}, test/macro_f1 {results['test/macro_f1']:.4f}, test/ece "
         f"{results['test/ece']:.3f} (after temperature {results['temperature']:.2f} fit on val: "
-        f"{results['test/ece_calibrated']:.3f}){agreement}."
+        f"{results['test/ece_calibrated']:.3f}){agree_words}."
         f"{train.copy_words(results, dropped)} Results in {out}/results.json", flush=True)
   return results
 

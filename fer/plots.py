@@ -64,24 +64,44 @@ def class_distributions(counts: Mapping[str, Mapping[str, int]], path, title: st
   return _save(fig, path)
 
 
+def _heatmap(matrix, row_names, column_names, path, title, xlabel="", ylabel="", vmin=0.0,
+             size=(6.5, 5.5), annotate=True):
+  """A matrix as coloured cells (Blues, vmin..1) with each value written in its cell."""
+  fig = Figure(figsize=size)
+  ax = fig.subplots()
+  im = ax.imshow(matrix, cmap="Blues", vmin=vmin, vmax=1)
+  ax.set_xticks(range(len(column_names)), column_names, rotation=45, ha="right")
+  ax.set_yticks(range(len(row_names)), row_names)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if annotate:
+    middle = (vmin + 1) / 2
+    for i in range(len(row_names)):
+      for j in range(len(column_names)):
+        ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                color="white" if matrix[i, j] > middle else "black")
+  fig.colorbar(im, ax=ax, fraction=0.046)
+  ax.set_title(title)
+  return _save(fig, path)
+
+
 def confusion_matrix(cm, class_names, path, title=""):
   """A row-normalised confusion matrix (true class per row) with the counts' percentages."""
   cm = np.asarray(cm, np.float64)
   norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-  fig = Figure(figsize=(6.5, 5.5))
-  ax = fig.subplots()
-  im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-  ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
-  ax.set_yticks(range(len(class_names)), class_names)
-  ax.set_xlabel("predicted")
-  ax.set_ylabel("true")
-  for i in range(len(class_names)):
-    for j in range(len(class_names)):
-      ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=8,
-              color="white" if norm[i, j] > 0.5 else "black")
-  fig.colorbar(im, ax=ax, fraction=0.046)
-  ax.set_title(title or "confusion matrix (row-normalised)")
-  return _save(fig, path)
+  return _heatmap(norm, class_names, class_names, path,
+                  title or "confusion matrix (row-normalised)", xlabel="predicted", ylabel="true")
+
+
+def agreement_matrix(matrix, names: Sequence[str], path, title="") -> pathlib.Path:
+  """How often each two ensemble members predict the same class (symmetric, ones on the
+  diagonal); the colour scale starts at the lowest agreement, so close values stay apart. Values
+  are written in the cells up to 12 members."""
+  matrix = np.asarray(matrix, np.float64)
+  side = min(4.0 + 0.55 * len(names), 16.0)
+  return _heatmap(matrix, names, names, path, title or "members' agreement",
+                  vmin=float(np.floor(matrix.min() * 20) / 20), size=(side + 1.5, side),
+                  annotate=len(names) <= 12)
 
 
 def learning_curves(history, path):

@@ -41,6 +41,10 @@ def test_ensemble_averages_the_members_probabilities(run_dir, data, tmp_path):
   assert results["val/member_agreement"] == pytest.approx(agree)
   three = ensemble.ensemble([a, b, _member(run_dir, tmp_path, "c")], tmp_path / "ens3", data=data)
   assert three["val/member_agreement"] == pytest.approx((agree + agree + 1) / 3)
+  # Per pair, members in order: a and c are copies; b agrees with each where they say class 3.
+  np.testing.assert_allclose(three["val/pairwise_agreement"],
+                             [[1, agree, 1], [agree, 1, agree], [1, agree, 1]], atol=1e-6)
+  assert (tmp_path / "ens3" / "agreement.png").stat().st_size > 0
   on_disk = json.loads((tmp_path / "ens" / "results.json").read_text())
   assert on_disk["ensemble_size"] == 2 and on_disk["test/accuracy"] == results["test/accuracy"]
   assert "test/train_copies" not in on_disk  # synthetic faces: no near copies reported
@@ -124,6 +128,7 @@ def test_recomputed_probabilities_match_the_saved_ones(run_dir, data, tmp_path):
   # One run with --tta: its best checkpoint re-evaluated alone.
   one = ensemble.ensemble([a], tmp_path / "one", tta="flip", data=data)
   assert one["tta"] == "flip" and "val/member_agreement" not in one
+  assert "val/pairwise_agreement" not in one and not (tmp_path / "one" / "agreement.png").exists()
   flipped = np.load(tmp_path / "one" / "test_probs.npy")
   assert one["test/accuracy"] == pytest.approx(
       float((flipped.argmax(1) == data["test"]["label"]).mean()))

@@ -35,7 +35,10 @@ def test_table_has_a_row_per_run_and_a_mean_row_per_seed_group(tmp_path):
   for seed, acc in enumerate((0.50, 0.54)):
     study.collect(_fake_run(runs / f"cnn_seed_s{seed}", acc), f"cnn_seed_s{seed}",
                   f"python -m fer.main --config.seed={seed}", "test machine", results)
-  study.collect(_fake_run(runs / "strong", 0.7, "standard"), "strong", "cmd", "m", results)
+  strong = _fake_run(runs / "strong", 0.7, "standard")
+  (strong / "agreement.png").write_bytes(b"an ensemble's figure")
+  (strong / "checkpoints" / "1").mkdir(parents=True)
+  study.collect(strong, "strong", "cmd", "m", results)
   # strong builds model 'cnn' too, but the original study has no strong: no 52.7% beside it.
   study.collect(_fake_run(runs / "strong_seed_s0", 0.65), "strong_seed_s0", "cmd", "m", results)
   readme = tmp_path / "README.md"
@@ -55,6 +58,9 @@ def test_table_has_a_row_per_run_and_a_mean_row_per_seed_group(tmp_path):
   assert (results / "val_curves.png").stat().st_size > 0
   assert (results / "cnn_seed_s1" / "metrics.jsonl").read_bytes() == (
       runs / "cnn_seed_s1" / "metrics.jsonl").read_bytes()
+  # Small files travel, checkpoints never.
+  assert (results / "strong" / "agreement.png").read_bytes() == b"an ensemble's figure"
+  assert not (results / "strong" / "checkpoints").exists()
   before = {p.name: p.read_bytes() for p in [readme, *results.glob("*.*")]}
   study.table(results, readme)  # nothing new: nothing changes
   assert before == {p.name: p.read_bytes() for p in [readme, *results.glob("*.*")]}
