@@ -49,7 +49,8 @@ EXPERIMENTS = (
     ("beyond the study: a ResNet-18 layout at half width (32-256 filters), 50 epochs "
      "(`--config.model.conv_features=\"(32,64,128,256)\" --config.train.num_epochs=50`)",
      "strong_resnet", "strong_resnet_half_e50"),
-    ("the same ResNet at half width, the config's 100 epochs", "strong_resnet",
+    ("the same ResNet at half width, the config's 100 epochs "
+     "(`--config.model.conv_features=\"(32,64,128,256)\"`)", "strong_resnet",
      "strong_resnet_half"),
 )
 # The protocols of the summary table's columns and the per-class figure's panels.
