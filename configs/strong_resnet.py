@@ -15,7 +15,8 @@ epochs (`--config.train.num_epochs=50`) it trained on the 2-core CPU in 112 minu
 images/s): val 69.0%, test 70.9% ten-crop (results row strong_resnet_half_e50_s0; seed 1: val 69.0%,
 test 71.0%), level with configs/strong_half.py's 100 epochs in about the same time. At half width
 and the default 100 epochs (about 4 hours here, resumed across two sessions) it reached val
-71.0%, test 72.9% (row strong_resnet_half_s0), the best single network on this CPU so far.
+71.0%, test 72.9% (row strong_resnet_half_s0), the best single network on this CPU so far;
+seed 1 val 70.8%, test 72.5% (row strong_resnet_half_s1): 72.7% +- 0.3% over two seeds.
 Not yet trained to the end at full width: its first 5 epochs on the CPU reached val 56.9%
 (experiments/results/probes/README.md) and its first 74 on a shared H100 val 69.2% without TTA,
 ahead of configs/strong.py's seeds at that epoch (experiments/results/selection_gpu/README.md); its

@@ -43,6 +43,9 @@ COMPARISONS = (
     ("strong_mx_e200_ensemble", "strong_mx_resnet2_ensemble"),
     ("strong_half_e200_ensemble", "strong_half_resnet100_ensemble"),
     ("strong_mx_e200_ensemble", "strong_mx_resnet100_ensemble"),
+    ("strong_half_resnet100_ensemble", "strong_half_resnet100x2_ensemble"),
+    ("strong_half_resnet100x2_ensemble", "greedy_all_ensemble"),
+    ("greedy_ensemble", "greedy_all_ensemble"),
     ("strong_s0..s3", "strong_half_s0..s2"),
     ("strong_half_s0..s2", "strong_half_e200_s0"),
     ("strong_half_s0..s2", "strong_half_sam_s0"),
@@ -50,6 +53,8 @@ COMPARISONS = (
     ("strong_half_s0..s2", "strong_resnet_half_e50_s0..s1"),
     ("strong_half_s0..s2", "strong_resnet_half_s0"),
     ("strong_resnet_half_e50_s0..s1", "strong_resnet_half_s0"),
+    ("strong_half_s0..s2", "strong_resnet_half_s0..s1"),
+    ("strong_resnet_half_e50_s0..s1", "strong_resnet_half_s0..s1"),
     ("cnn_nocopies_s0..s2", "cnn_distilled_s0..s2"),
     ("augment_nocopies_s0..s2", "augment_distilled_s0..s2"),
 )
